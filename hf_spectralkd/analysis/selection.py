@@ -1,0 +1,108 @@
+"""Choosing which layers to distil from the teacher's spectral profile (SKD §2.2.1).
+
+The paper reads CaiT-S24's ``ℓ`` curve (U-shaped: high in the first and last blocks, low in the
+middle, with a skewed histogram) and distils the information-rich blocks: the first 2 and last 6,
+paired with DeiT-Tiny blocks {0, 1} and {6, ..., 11}. :func:`select_layers` turns that reading into
+a rule:
+
+1. **Rich layers.** Teacher layer ``t`` is information-rich when ``ℓ_t ≥ mean(ℓ)``. A skewed profile
+   has few such layers; they are kept in order of intensity, at most ``k`` of them (default: as many
+   as the student has layers).
+2. **Anchoring.** Early rich layers (``t < T/2``) are paired from the start of the student
+   (``s = t``), late ones from its end (``s = S - T + t``): the first teacher blocks supervise the
+   first student blocks and the last supervise the last, as in the paper's map. When two teacher
+   layers land on one student layer the richer wins.
+3. **Flat profiles** (max/min of ``ℓ`` below ``1 + flat_tolerance``) carry no preference; the
+   paper's default shape is used instead: ``k = ⌈2S/3⌉`` pairs, a quarter of them at the start and the
+   rest at the end.
+4. **Hierarchical models** (Swin) are paired stage by stage, as the paper does for Swin-T ← Swin-S.
+
+Monotone profiles therefore select the end where the intensity is high: an increasing curve maps
+the student's layers onto the teacher's last ones, a decreasing one onto its first ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from .spectrum import SpectralProfile
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """A proposed layer map: ``student_layers[i]`` is paired with ``teacher_layers[i]`` (ascending)."""
+
+    student_layers: list[int]
+    teacher_layers: list[int]
+    rule: str
+
+    def as_arguments(self) -> str:
+        """The map as ``run_distill.py`` options."""
+        return (
+            f"--student_layers {' '.join(map(str, self.student_layers))} "
+            f"--teacher_layers {' '.join(map(str, self.teacher_layers))}"
+        )
+
+
+def _student_slot(teacher_layer: int, teacher_depth: int, student_depth: int) -> int:
+    if teacher_layer < teacher_depth / 2:
+        return min(teacher_layer, student_depth - 1)
+    return max(0, student_depth - teacher_depth + teacher_layer)
+
+
+def _flat_default(teacher_depth: int, student_depth: int, k: Optional[int]) -> list[int]:
+    pairs = min(k or math.ceil(2 * student_depth / 3), student_depth, teacher_depth)
+    head = pairs // 4
+    return list(range(head)) + list(range(teacher_depth - (pairs - head), teacher_depth))
+
+
+def select_layers(
+    teacher_profile: Union[SpectralProfile, Sequence[float]],
+    student_num_layers: int,
+    k: Optional[int] = None,
+    flat_tolerance: float = 0.05,
+) -> LayerSelection:
+    """Propose a student↔teacher layer map from the teacher's ``ℓ`` curve (rule in the module docstring).
+
+    Args:
+        teacher_profile: a :class:`SpectralProfile` of all teacher layers, or the ``ℓ`` list itself.
+        student_num_layers: number of student blocks (Swin: stages).
+        k: maximum number of pairs; default ``student_num_layers``.
+        flat_tolerance: relative spread below which the profile counts as flat.
+    """
+    if isinstance(teacher_profile, SpectralProfile):
+        intensity, family = list(teacher_profile.intensity), teacher_profile.family
+        if teacher_profile.layers != list(range(len(intensity))):
+            raise ValueError("select_layers needs the profile of every teacher layer (spectral_profile with layers=None)")
+    else:
+        intensity, family = [float(v) for v in teacher_profile], None
+    teacher_depth, student_depth = len(intensity), int(student_num_layers)
+    if teacher_depth == 0 or student_depth <= 0:
+        raise ValueError(f"select_layers: need a non-empty profile and student_num_layers > 0, got {teacher_depth} and {student_depth}")
+    if k is not None and k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+
+    if family == "swin":
+        depth = min(teacher_depth, student_depth, k or student_depth)
+        return LayerSelection(list(range(depth)), list(range(depth)), "hierarchical: stage i ↔ stage i")
+
+    low, high = min(intensity), max(intensity)
+    if low > 0 and high / low < 1 + flat_tolerance or high == low:
+        teacher_layers = _flat_default(teacher_depth, student_depth, k)
+        rule = f"flat profile (max/min < {1 + flat_tolerance}): paper default, first quarter and last three quarters"
+    else:
+        mean = sum(intensity) / teacher_depth
+        rich = sorted((t for t in range(teacher_depth) if intensity[t] >= mean), key=lambda t: -intensity[t])
+        limit = min(k or student_depth, student_depth)
+        chosen: dict[int, int] = {}  # student slot -> teacher layer, richest first
+        for t in rich:
+            slot = _student_slot(t, teacher_depth, student_depth)
+            if slot not in chosen and len(chosen) < limit:
+                chosen[slot] = t
+        teacher_layers = sorted(chosen.values())
+        rule = f"rich layers (ℓ ≥ mean {mean:.4g}), early ones anchored to the student's start, late ones to its end"
+    student_layers = [_student_slot(t, teacher_depth, student_depth) for t in teacher_layers]
+    order = sorted(range(len(student_layers)), key=lambda i: student_layers[i])
+    return LayerSelection([student_layers[i] for i in order], [teacher_layers[i] for i in order], rule)

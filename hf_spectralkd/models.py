@@ -1,0 +1,196 @@
+"""Loading teachers and students: Hub ids, local folders, config files and built-in architectures.
+
+Everything goes through ``AutoModelForImageClassification`` so a distilled student is a plain
+transformers model. Weights load as safetensors where the checkpoint has them; ``trust_remote_code``
+stays off unless the caller sets it; tokens come from the environment (``HF_TOKEN``) or the caller
+and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    SwinConfig,
+    TimmWrapperConfig,
+    ViTConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _deit(hidden: int, heads: int) -> Callable[[], PretrainedConfig]:
+    # ViT with layer_norm_eps=1e-6 is timm's DeiT (197 tokens, weights map 1:1; HF_NOTES.md §4).
+    return lambda: ViTConfig(
+        image_size=224, patch_size=16, hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads,
+        intermediate_size=4 * hidden, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def _swin(embed_dim: int, depths: list[int], heads: list[int]) -> Callable[[], PretrainedConfig]:
+    return lambda: SwinConfig(
+        image_size=224, patch_size=4, embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=7,
+        drop_path_rate=0.0,
+    )
+
+
+def _demo_vit(hidden: int, layers: int, heads: int) -> Callable[[], PretrainedConfig]:
+    # 28×28 digits in 7×7 patches: a 4×4 token grid, small enough to train in a minute on 2 CPU cores.
+    return lambda: ViTConfig(
+        image_size=28, patch_size=7, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+#: Architectures that can be built from scratch by name (random weights), as the paper trains students.
+ARCHITECTURE_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
+    "deit_tiny_patch16_224": _deit(192, 3),
+    "deit_small_patch16_224": _deit(384, 6),
+    "deit_base_patch16_224": _deit(768, 12),
+    "swin_tiny_patch4_window7_224": _swin(96, [2, 2, 6, 2], [3, 6, 12, 24]),
+    "swin_small_patch4_window7_224": _swin(96, [2, 2, 18, 2], [3, 6, 12, 24]),
+    "cait_s24_224": lambda: TimmWrapperConfig(architecture="cait_s24_224"),
+    "demo_vit_teacher": _demo_vit(64, 6, 4),
+    "demo_vit_student": _demo_vit(32, 4, 2),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model with where it came from (recorded in results.json and the model card)."""
+
+    model: PreTrainedModel
+    source: str  # what the user passed
+    kind: str  # "pretrained" (weights loaded) or "scratch" (built from a config, random weights)
+    revision: Optional[str] = None  # resolved commit sha for Hub models, when known
+
+
+class ModelLoadError(ValueError):
+    """A model id/path that cannot be loaded; the message names the argument and the value."""
+
+
+def _is_local(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _WEIGHT_FILES)
+
+
+def _label_kwargs(id2label: Optional[dict[int, str]]) -> dict[str, Any]:
+    if not id2label:
+        return {}
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    return {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+
+
+def _apply_labels(config: PretrainedConfig, id2label: Optional[dict[int, str]]) -> PretrainedConfig:
+    for key, value in _label_kwargs(id2label).items():
+        if key != "num_labels":
+            setattr(config, key, value)
+    if id2label:
+        config.num_labels = len(id2label)
+    return config
+
+
+def _resolved_revision(model: PreTrainedModel) -> Optional[str]:
+    """Commit sha of a Hub checkpoint, read from the local cache path it was loaded from."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    if _is_local(name) or not name:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, local_files_only=True, allow_patterns=["config.json"])
+        return Path(folder).name  # snapshots/<sha>
+    except Exception:  # noqa: BLE001 - the revision is informative only
+        return None
+
+
+def _friendly_load_error(argument: str, value: str, error: Exception) -> ModelLoadError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = (
+        "It is not a local folder; as a Hub id it is not in the local cache and HF_HUB_OFFLINE is set."
+        if offline and not _is_local(value)
+        else "Expected a local folder saved with save_pretrained, a config.json, a built-in architecture "
+        f"({', '.join(ARCHITECTURE_PRESETS)}) or a Hub model id (set HF_TOKEN for gated or private models)."
+    )
+    return ModelLoadError(f"{argument}: cannot load '{value}': {reason}. {hint}")
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    argument: str = "model",
+    from_scratch: bool = False,
+    id2label: Optional[dict[int, str]] = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    trust_remote_code: bool = False,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Load an image classifier from a Hub id, a local folder, a ``config.json`` or a preset name.
+
+    Args:
+        name_or_path: Hub id (``facebook/deit-tiny-patch16-224``), local folder, path to a config
+            JSON, or a key of :data:`ARCHITECTURE_PRESETS` (built with random weights).
+        argument: the user-facing argument name, used in error messages (``--teacher``).
+        from_scratch: build from the config only, with random weights, even if weights exist.
+        id2label: class names; when given, the classifier head is sized for them (a pretrained head of
+            another size is re-initialised, as in fine-tuning).
+        revision, token, trust_remote_code: passed to ``from_pretrained`` for Hub ids.
+
+    Raises:
+        ModelLoadError (a ``ValueError``) naming ``argument`` and the value when nothing loads.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelLoadError(f"{argument}: expected a model id, folder, config file or architecture name, got {name_or_path!r}")
+    hub_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    label_kwargs = _label_kwargs(id2label)
+    path = Path(os.path.expanduser(name_or_path))
+    try:
+        if name_or_path in ARCHITECTURE_PRESETS and not path.exists():
+            config = _apply_labels(ARCHITECTURE_PRESETS[name_or_path](), id2label)
+            model = AutoModelForImageClassification.from_config(config, **model_kwargs)
+            return LoadedModel(model, name_or_path, "scratch")
+        if path.is_file():
+            if path.suffix != ".json":
+                raise ModelLoadError(f"{argument}: '{name_or_path}' is a file but not a config JSON")
+            config_dict = json.loads(path.read_text())
+            config = AutoConfig.for_model(**config_dict)
+            model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
+            return LoadedModel(model, name_or_path, "scratch")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelLoadError(f"{argument}: folder '{name_or_path}' has no config.json (expected a save_pretrained folder)")
+        if from_scratch or (path.is_dir() and not _has_weights(path)):
+            config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+            model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
+            return LoadedModel(model, name_or_path, "scratch")
+        model = AutoModelForImageClassification.from_pretrained(
+            name_or_path,
+            **hub_kwargs,
+            **label_kwargs,
+            ignore_mismatched_sizes=bool(label_kwargs),
+            **model_kwargs,
+        )
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        raise _friendly_load_error(argument, name_or_path, error) from error
+    return LoadedModel(model, name_or_path, "pretrained", revision=_resolved_revision(model) or revision)
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())

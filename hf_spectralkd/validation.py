@@ -1,0 +1,99 @@
+"""Checks that run before the first training step, from the models' configs alone.
+
+Each check raises ``ValueError`` with a message that names the argument, the value it got and what
+was expected, so the recipe and the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .features import TapInfo, describe_taps, unwrap_model
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """One distilled pair: student tap ``student`` ↔ teacher tap ``teacher`` with their ``(C, H, W)``."""
+
+    student: int
+    teacher: int
+    student_shape: tuple[int, int, int]
+    teacher_shape: tuple[int, int, int]
+
+    @property
+    def aligned_channels(self) -> int:
+        return min(self.student_shape[0], self.teacher_shape[0])
+
+    def describe(self) -> str:
+        (cs, h, w), ct = self.student_shape, self.teacher_shape[0]
+        pooled = "" if cs == ct else (f" (teacher pooled {ct}→{cs})" if ct > cs else f" (student pooled {cs}→{ct})")
+        return f"student {self.student:>2} [{cs}×{h}×{w}] ↔ teacher {self.teacher:>2} [{ct}×{h}×{w}]{pooled}"
+
+
+def check_layer_indices(layers: Sequence[int], taps: TapInfo, argument: str) -> None:
+    for layer in layers:
+        if not 0 <= layer < taps.num_layers:
+            unit = "stages" if taps.family == "swin" else "blocks"
+            raise ValueError(
+                f"{argument}: index {layer} is out of range; the {taps.family} model has {taps.num_layers} "
+                f"{unit}, so indices must be in [0, {taps.num_layers - 1}] (0-based)"
+            )
+
+
+def build_layer_map(
+    student: nn.Module, teacher: nn.Module, student_layers: Sequence[int], teacher_layers: Sequence[int]
+) -> list[LayerPair]:
+    """Validate a student↔teacher layer map and return its pairs with shapes.
+
+    Raises ``ValueError`` for: unsupported model families, lists of different lengths, indices out of
+    range, different input image sizes, and pairs whose spatial sizes differ.
+    """
+    if len(student_layers) != len(teacher_layers):
+        raise ValueError(
+            f"student_layers and teacher_layers must have the same length: got {list(student_layers)} "
+            f"({len(student_layers)}) and {list(teacher_layers)} ({len(teacher_layers)})"
+        )
+    student_taps, teacher_taps = describe_taps(student), describe_taps(teacher)
+    check_layer_indices(student_layers, student_taps, "student_layers")
+    check_layer_indices(teacher_layers, teacher_taps, "teacher_layers")
+    if student_taps.image_size != teacher_taps.image_size:
+        raise ValueError(
+            f"student and teacher expect different input sizes: student {student_taps.image_size}, teacher "
+            f"{teacher_taps.image_size}; both see the same pixel_values, so use models configured for one size"
+        )
+    pairs = []
+    for s, t in zip(student_layers, teacher_layers):
+        pair = LayerPair(s, t, student_taps.shape(s), teacher_taps.shape(t))
+        if pair.student_shape[1:] != pair.teacher_shape[1:]:
+            raise ValueError(
+                f"student_layers/teacher_layers: student layer {s} is {pair.student_shape[1]}×{pair.student_shape[2]} "
+                f"but teacher layer {t} is {pair.teacher_shape[1]}×{pair.teacher_shape[2]} (H×W); paired layers "
+                "must have the same spatial size"
+            )
+        pairs.append(pair)
+    return pairs
+
+
+def num_labels(model: nn.Module) -> Optional[int]:
+    return getattr(getattr(unwrap_model(model), "config", None), "num_labels", None)
+
+
+def check_num_labels(student: nn.Module, teacher: nn.Module) -> None:
+    """Logit distillation compares class distributions, so both heads must have the same classes."""
+    n_student, n_teacher = num_labels(student), num_labels(teacher)
+    if n_student is not None and n_teacher is not None and n_student != n_teacher:
+        raise ValueError(
+            f"teacher and student have different numbers of classes: teacher {n_teacher}, student {n_student}; "
+            "logit distillation needs the same label set (build the student with the teacher's id2label, or use "
+            "distillation_type='none' for feature-only distillation)"
+        )
+
+
+def format_layer_map(pairs: Sequence[LayerPair]) -> str:
+    """Multi-line human-readable summary of a layer map."""
+    if not pairs:
+        return "  (no feature pairs: feature loss off)"
+    return "\n".join(f"  {p.describe()}" for p in pairs)

@@ -1,0 +1,102 @@
+"""Builders for tiny models and datasets used across the tests (importable by subprocess scripts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def tiny_vit(num_labels: int = 5, hidden: int = 32, layers: int = 3, seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                       intermediate_size=2 * hidden, num_labels=num_labels, layer_norm_eps=1e-6)
+    return ViTForImageClassification(config)
+
+
+def tiny_deit(num_labels: int = 5, hidden: int = 32, layers: int = 3, seed: int = 0):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(seed)
+    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, num_labels=num_labels)
+    return DeiTForImageClassification(config)
+
+
+def tiny_swin(num_labels: int = 5, embed_dim: int = 8, seed: int = 0):
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(seed)
+    config = SwinConfig(image_size=32, patch_size=2, embed_dim=embed_dim, depths=[1, 1, 1], num_heads=[1, 1, 2],
+                        window_size=4, num_labels=num_labels)
+    return SwinForImageClassification(config)
+
+
+def tiny_cait(num_labels: int = 5, embed_dim: int = 64, depth: int = 4, seed: int = 0):
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    torch.manual_seed(seed)
+    config = TimmWrapperConfig(
+        architecture="cait_s24_224", num_labels=num_labels,
+        model_args={"img_size": 32, "patch_size": 8, "embed_dim": embed_dim, "depth": depth, "num_heads": 4,
+                    "depth_token_only": 1},
+    )
+    return AutoModelForImageClassification.from_config(config)
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """A learnable synthetic image: a bright square whose position encodes the class, plus noise."""
+    array = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    offset = 2 + 8 * label
+    array[offset : offset + 8, 4:28] = 220
+    return Image.fromarray(array)
+
+
+def make_imagefolder(root: Path, classes=("a", "b", "c"), per_class: int = 8, eval_per_class: int = 3) -> str:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("validation", eval_per_class)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                class_image(label, rng).save(folder / f"{i}.png")
+    return str(root)
+
+
+def make_parquet_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 8, eval_per_class: int = 3, shards: int = 2) -> str:
+    import datasets
+
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"img": datasets.Image(), "target": datasets.ClassLabel(names=list(classes))})
+    for split, count, n_shards in (("train", per_class, shards), ("validation", eval_per_class, 1)):
+        rows = {"img": [], "target": []}
+        for label in range(len(classes)):
+            for _ in range(count):
+                rows["img"].append(class_image(label, rng))
+                rows["target"].append(label)
+        ds = datasets.Dataset.from_dict(rows, features=features).shuffle(seed=0)
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for shard in range(n_shards):
+            ds.shard(n_shards, shard).to_parquet(str(root / split / f"{split}-{shard:05d}.parquet"))
+    return str(root)
+
+
+class SyntheticImageDataset(torch.utils.data.Dataset):
+    """``n`` learnable 32×32 images as ready tensors (no decoding), for trainer unit tests."""
+
+    def __init__(self, n: int = 32, num_labels: int = 5, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % num_labels
+        self.images = torch.randn(n, 3, 32, 32, generator=generator) * 0.3
+        for i, label in enumerate(self.labels.tolist()):
+            self.images[i, :, 6 * label : 6 * label + 6, :] += 2.0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
