@@ -144,7 +144,7 @@ def build_model_card(
         f"| label smoothing ε | {args.label_smoothing} |",
         f"| epochs / optimizer steps | {epoch if epoch is not None else args.num_train_epochs} / {steps if steps is not None else 'n/a'} |",
         f"| batch size (global) | {global_batch} ({args.per_device_train_batch_size} per device) |",
-        f"| learning rate | {args.learning_rate} ({args.lr_schedule if args.lr_schedule == 'deit' else args.lr_scheduler_type} schedule) |",
+        f"| learning rate | {args.learning_rate} ({args.lr_schedule if args.lr_schedule == 'deit' else getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule) |",
         f"| weight decay | {args.weight_decay} |",
         f"| dataset | {dataset or 'n/a'} |",
         "",

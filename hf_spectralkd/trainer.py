@@ -355,6 +355,23 @@ class SpectralDistillationTrainer(Trainer):
                 use_mtime=True,
             )
 
+    # transformers 5.23 reloads checkpoints with a raw ``load_state_dict`` of the file's keys, but
+    # ``save_pretrained`` writes the Hub key names (e.g. ViT's ``encoder.layer.0.attention.attention.query``
+    # for the in-memory ``layers.0.attention.q_proj``): the load silently matches nothing and a resumed
+    # run restarts from its initial weights (huggingface/transformers#48805). Loading through
+    # ``from_pretrained`` applies the key conversion.
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_weights_from_folder(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(best):
+            return super()._load_best_model()
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        load_weights_from_folder(self.model, best)
+
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
@@ -389,6 +406,18 @@ def deit_lr_lambda(args: SpectralDistillationConfig, num_training_steps: int) ->
         return lr / peak if peak > 0 else 0.0
 
     return multiplier
+
+
+def _single_file_checkpoint(folder: Optional[str]) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "model.safetensors"))
+
+
+def load_weights_from_folder(model: nn.Module, folder: str) -> None:
+    """Copy the weights saved in ``folder`` (``save_pretrained`` layout) into ``model``, strictly."""
+    target = unwrap_model(model)
+    reloaded = type(target).from_pretrained(folder, config=target.config)
+    target.load_state_dict(reloaded.state_dict(), strict=True)
+    del reloaded
 
 
 def _fsync_dir(path: str) -> None:

@@ -165,8 +165,10 @@ def evaluate_model(model, data, args: SpectralDistillationConfig, processor) -> 
         args, distillation_type="none", beta=0.0, student_layers=None, teacher_layers=None, report_to=[],
         push_to_hub=False, resume_from_checkpoint=None,
     )
-    trainer = SpectralDistillationTrainer(model=model, args=eval_args, data_collator=data.collator, processing_class=processor)
-    metrics = trainer.evaluate(data.eval, metric_key_prefix="teacher")
+    trainer = SpectralDistillationTrainer(
+        model=model, args=eval_args, eval_dataset=data.eval, data_collator=data.collator, processing_class=processor
+    )
+    metrics = trainer.evaluate(metric_key_prefix="teacher")
     return {k.removeprefix("teacher_"): v for k, v in metrics.items()}
 
 
@@ -189,7 +191,7 @@ def describe_run(model_args, data_args, args, student: LoadedModel, teacher: Opt
     lines.append(
         f"train   : epochs {args.num_train_epochs}, max_steps {args.max_steps}, batch {args.per_device_train_batch_size}"
         f"×{args.world_size} proc×{args.gradient_accumulation_steps} accum, lr {args.learning_rate} "
-        f"({args.lr_schedule if args.lr_schedule == 'deit' else args.lr_scheduler_type}), weight decay {args.weight_decay}, "
+        f"({args.lr_schedule if args.lr_schedule == 'deit' else getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}), weight decay {args.weight_decay}, "
         f"precision {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, seed {args.seed}"
     )
     lines.append(f"output  : {args.output_dir}")

@@ -35,13 +35,16 @@ def _yaml_value_to_args(key: str, value: Any) -> list[str]:
     return [flag, str(value)]
 
 
-def config_file_to_argv(path: str) -> list[str]:
-    """Turn a YAML (or JSON) mapping of option → value into command-line arguments.
+def read_config_file(path: str, _seen: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """Load a YAML (or JSON) mapping of option → value, following ``base: other.yaml`` chains.
 
-    Lists become repeated values (``--student_layers 0 1 6``), booleans ``true``/``false`` and
-    mappings JSON strings, so that options given after them on the command line override them.
+    A ``base`` file (relative to the including file) is read first and the including file's keys
+    override it, so a variant of a recipe is its base plus the lines that differ.
     """
     file = Path(path)
+    seen = _seen or ()
+    if str(file.resolve()) in seen:
+        raise UsageError(f"config: '{path}' includes itself through 'base:'")
     if not file.is_file():
         raise UsageError(f"config: file '{path}' does not exist")
     try:
@@ -50,8 +53,22 @@ def config_file_to_argv(path: str) -> list[str]:
         raise UsageError(f"config: '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config: '{path}' must hold a mapping of option: value, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = read_config_file(str(file.parent / base), seen + (str(file.resolve()),))
+    merged.update(data)
+    return merged
+
+
+def config_file_to_argv(path: str) -> list[str]:
+    """Turn a config file into command-line arguments.
+
+    Lists become repeated values (``--student_layers 0 1 6``), booleans ``true``/``false`` and
+    mappings JSON strings, so that options given after them on the command line override them.
+    """
     argv: list[str] = []
-    for key, value in data.items():
+    for key, value in read_config_file(path).items():
         argv.extend(_yaml_value_to_args(str(key), value))
     return argv
 

@@ -1,0 +1,71 @@
+"""Two CPU processes (gloo) under torchrun: plain DDP and DeepSpeed ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_processes(out: Path, *extra: str) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(SCRIPT), "--out", str(out), *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def components(log_history: list[dict]) -> list[dict]:
+    keys = ("loss", "loss_ce", "loss_kd", "loss_fft", "eval_loss", "eval_loss_ce", "eval_loss_kd", "eval_loss_fft")
+    return [{k: e[k] for k in keys if k in e} for e in log_history if any(k in e for k in keys)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, run_two_processes(out)
+
+
+def test_ddp_two_processes_complete_and_agree(ddp_run):
+    out, ranks = ddp_run
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    first, second = components(ranks[0]["log_history"]), components(ranks[1]["log_history"])
+    assert len(first) == 3 and first == second  # two train logs and one eval log, identical on both ranks
+    assert all(entry["loss_fft"] > 0 for entry in first if "loss_fft" in entry)
+    # the teacher is not wrapped in DDP (no gradients to synchronise)
+    assert ranks[0]["teacher_type"] == "TimmWrapperForImageClassification"
+    assert (out / "checkpoint-6" / "model.safetensors").exists()
+    reloaded = AutoModelForImageClassification.from_pretrained(out / "student")
+    assert reloaded.config.num_labels == 5
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="deepspeed extra not installed")
+def test_deepspeed_zero2_two_processes_match_ddp(ddp_run, tmp_path):
+    _, ddp_ranks = ddp_run
+    ranks = run_two_processes(tmp_path, "--deepspeed", str(ROOT / "recipes" / "accelerate" / "ds_zero2.json"))
+    assert all(r["deepspeed"] for r in ranks)
+    assert ranks[0]["teacher_type"] == "DeepSpeedEngine"  # a stage-0 inference replica
+    first, second = components(ranks[0]["log_history"]), components(ranks[1]["log_history"])
+    assert first == second
+    for ds_entry, ddp_entry in zip(first, components(ddp_ranks[0]["log_history"])):
+        for key, value in ddp_entry.items():
+            assert ds_entry[key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    state = AutoModelForImageClassification.from_pretrained(tmp_path / "student").state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())

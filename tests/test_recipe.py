@@ -1,0 +1,212 @@
+"""recipes/run_distill.py end to end on tiny local data, the shipped configs, and the data layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import run_distill
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+
+from hf_spectralkd.data import (
+    DataArguments,
+    ImageClassificationCollator,
+    TransformedImageDataset,
+    build_eval_transform,
+    load_image_datasets,
+)
+from hf_spectralkd.demo import load_mnist_demo
+from hf_spectralkd.models import load_model
+from hf_spectralkd.validation import build_layer_map
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+
+
+def tiny_run_args(saved_models, dataset, output_dir, *extra):
+    return [
+        "--teacher", saved_models["teacher"], "--student", saved_models["student_config"], "--dataset", dataset,
+        "--output_dir", str(output_dir), "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "2",
+        "--student_layers", "0", "2", "--teacher_layers", "0", "3", "--auto_augment", "none", "--reprob", "0",
+        "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "2", "--use_cpu", "true",
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
+    ]
+
+
+def check_finished_run(output_dir: Path) -> dict:
+    results = json.loads((output_dir / "results.json").read_text())
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "run_config.json"):
+        assert (output_dir / name).exists(), name
+    assert results["student_accuracy"] is not None and results["teacher_accuracy"] is not None
+    assert [pair["teacher"] for pair in results["layer_map"]] == [0, 3]
+    student = AutoModelForImageClassification.from_pretrained(output_dir)
+    assert student.config.id2label == {0: "a", 1: "b", 2: "c"}
+    return results
+
+
+def test_recipe_on_local_imagefolder(imagefolder, saved_models, tmp_path):
+    assert run_distill.main(tiny_run_args(saved_models, imagefolder, tmp_path / "out")) == 0
+    results = check_finished_run(tmp_path / "out")
+    assert results["global_steps"] == 4
+    assert (tmp_path / "out" / "checkpoint-4").is_dir() and not (tmp_path / "out" / ".checkpoint-staging").exists()
+
+
+def test_recipe_on_local_parquet_with_custom_columns(parquet_dataset, saved_models, tmp_path):
+    args = tiny_run_args(saved_models, parquet_dataset, tmp_path / "out", "--image_column", "img", "--label_column", "target")
+    assert run_distill.main(args) == 0
+    check_finished_run(tmp_path / "out")
+
+
+def test_yaml_config_with_command_line_overrides(imagefolder, saved_models, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"teacher: {saved_models['teacher']}\nstudent: {saved_models['student_config']}\ndataset: {imagefolder}\n"
+        "alpha: 0.5\nbeta: 0.3\nstudent_layers: [0, 2]\nteacher_layers: [0, 3]\nmax_steps: 2\n"
+    )
+    model_args, data_args, args = run_distill.parse_arguments([str(config), "--beta", "0.7", "--output_dir", "x"])
+    assert (args.alpha, args.beta, args.student_layers, args.max_steps) == (0.5, 0.7, [0, 2], 2)
+    assert model_args.teacher == saved_models["teacher"] and data_args.dataset == imagefolder
+    _, _, same = run_distill.parse_arguments(["--config", str(config), "--output_dir", "x"])
+    assert same.beta == 0.3
+
+
+def streaming_args(saved_models, parquet_dataset, output_dir, *extra):
+    return tiny_run_args(
+        saved_models, parquet_dataset, output_dir, "--image_column", "img", "--label_column", "target",
+        "--streaming", "true", "--shuffle_buffer_size", "8", "--eval_strategy", "no", "--evaluate_teacher", "false", *extra,
+    )
+
+
+def test_streaming_runs_with_max_steps_and_resumes_exactly(parquet_dataset, saved_models, tmp_path):
+    import shutil
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run_distill.main(streaming_args(saved_models, parquet_dataset, full, "--max_steps", "6")) == 0
+    # Continue from the full run's step-2 checkpoint in a fresh folder: the stream is replayed to
+    # step 2 and steps 3-6 must reproduce the uninterrupted run.
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    assert run_distill.main(streaming_args(saved_models, parquet_dataset, resumed, "--max_steps", "6",
+                                           "--resume_from_checkpoint", "true")) == 0
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    full_state = json.loads((full / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    resumed_state = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    losses = lambda history: [(e["step"], e["loss"], e["loss_fft"]) for e in history if "loss" in e]  # noqa: E731
+    assert losses(resumed_state)[-1] == pytest.approx(losses(full_state)[-1], rel=1e-5)
+
+
+def test_streamed_parquet_derives_max_steps_from_epochs(parquet_dataset, saved_models, tmp_path):
+    # parquet footers give the split size (24 images): one epoch at batch 4 is 6 optimizer steps
+    args = streaming_args(saved_models, parquet_dataset, tmp_path / "out", "--max_steps", "-1", "--num_train_epochs", "1",
+                          "--save_strategy", "no")
+    assert run_distill.main(args) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["global_steps"] == 6
+
+
+def test_streamed_dataset_of_unknown_size_needs_max_steps(imagefolder, saved_models, tmp_path, capsys):
+    import shutil
+
+    fresh = tmp_path / "images"  # a folder datasets has never built, so no cached split sizes
+    shutil.copytree(imagefolder, fresh)
+    args = tiny_run_args(saved_models, str(fresh), tmp_path / "out", "--streaming", "true", "--max_steps", "-1")
+    assert run_distill.main(args) == 2
+    assert "max_steps: a streamed dataset of unknown size needs --max_steps" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped configs
+# ------------------------------------------------------------------------------------------------
+#: Offline stand-ins for the Hub teachers of the paper's configs: same architecture, random weights.
+HUB_TEACHER_ARCHITECTURES = {
+    "timm/cait_s24_224.fb_dist_in1k": "cait_s24_224",
+    "microsoft/swin-small-patch4-window7-224": "swin_small_patch4_window7_224",
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses_and_resolves(config):
+    model_args, data_args, args = run_distill.parse_arguments([str(config), "--use_cpu", "true"])  # CI has no GPU for bf16
+    assert model_args.student and args.output_dir
+    if config.stem == "demo":
+        return  # exercised end to end by `make demo`
+    id2label = {i: str(i) for i in range(1000)}
+    student = load_model(model_args.student, argument="student", id2label=id2label, from_scratch=True).model
+    if not args.needs_teacher:
+        assert args.distillation_type == "none" and args.beta == 0
+        return
+    teacher = load_model(HUB_TEACHER_ARCHITECTURES[model_args.teacher], argument="teacher", id2label=id2label).model
+    if args.uses_features:
+        pairs = build_layer_map(student, teacher, args.student_layers, args.teacher_layers)
+        assert len(pairs) == len(args.student_layers)
+
+
+def test_paper_configs_hold_the_paper_hyperparameters():
+    _, _, deit = run_distill.parse_arguments([str(ROOT / "recipes/configs/deit_tiny_from_cait_s24.yaml"), "--use_cpu", "true"])
+    assert (deit.alpha, deit.beta, deit.temperature, deit.label_smoothing, deit.num_train_epochs) == (0.9, 0.2, 1.0, 0.1, 400)
+    assert deit.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and deit.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
+    _, _, swin = run_distill.parse_arguments([str(ROOT / "recipes/configs/swin_tiny_from_swin_small.yaml"), "--use_cpu", "true"])
+    assert (swin.beta, swin.num_train_epochs, swin.student_layers, swin.teacher_layers) == (0.05, 500, [0, 1, 2, 3], [0, 1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data layer
+# ------------------------------------------------------------------------------------------------
+def test_demo_data_shapes_classes_and_deterministic_split():
+    demo = load_mnist_demo()
+    assert len(demo["train"]) == 4000 and len(demo["test"]) == 1000
+    assert demo["train"].features["label"].names == [str(i) for i in range(10)]
+    assert np.bincount(demo["test"]["label"]).tolist() == [100] * 10
+    image = demo["train"][0]["image"]
+    assert image.size == (28, 28) and image.mode == "L"
+    load_mnist_demo.cache_clear()
+    again = load_mnist_demo()
+    assert again["test"]["label"] == demo["test"]["label"]
+    assert np.array_equal(np.asarray(again["train"][5]["image"]), np.asarray(demo["train"][5]["image"]))
+    data = load_image_datasets(DataArguments(dataset="demo:mnist5k", eval_split="test", auto_augment="none"), image_size=28)
+    batch = data.collator([data.train[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 28, 28) and len(data.id2label) == 10
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, imagefolder):
+    import datasets
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    good = sorted((Path(imagefolder) / "train" / "a").glob("*.png"))[0]
+    raw = datasets.Dataset.from_dict({"image": [str(good), str(broken), str(good)], "label": [0, 1, 0]},
+                                     features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}))
+    dataset = TransformedImageDataset(raw, build_eval_transform(DataArguments(), 32), "image", "label")
+    assert dataset[1]["pixel_values"] is None
+    batch = ImageClassificationCollator()([dataset[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["num_skipped"] == 1
+    assert batch["labels"].tolist() == [0, 0]
+
+
+def test_recipe_counts_corrupt_images_in_logs(imagefolder, saved_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(imagefolder, folder)
+    (folder / "train" / "a" / "zz_corrupt.png").write_bytes(b"not a png at all")
+    args = tiny_run_args(saved_models, str(folder), tmp_path / "out", "--max_steps", "8", "--eval_strategy", "no")
+    assert run_distill.main(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["skipped_images"] >= 1
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(imagefolder):
+    data = load_image_datasets(DataArguments(dataset=imagefolder), image_size=32, seed=3)
+    first = data.train[2]["pixel_values"]
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert torch.equal(data.train[2]["pixel_values"], first)
+    data.train.set_epoch(1)
+    assert not torch.equal(data.train[2]["pixel_values"], first)
+    data.train.set_epoch(0)
+    assert torch.equal(data.train[2]["pixel_values"], first)
