@@ -204,6 +204,13 @@ class SpectralDistillationConfig(TrainingArguments):
                     f"{n_student} student layers {self.student_layers} and {n_teacher} teacher layers "
                     f"{self.teacher_layers}"
                 )
+        if self.hub_token:
+            # Keep the token out of everything that serialises these arguments (training_args.bin,
+            # run_config.json, logs): huggingface_hub reads it from the environment instead.
+            import os
+
+            os.environ["HF_TOKEN"] = self.hub_token
+            self.hub_token = None
         super().__post_init__()
         # Streaming datasets: let every rank read its own shards instead of rank 0 decoding everything
         # and broadcasting (HF_NOTES.md §7). Map-style datasets are unaffected.

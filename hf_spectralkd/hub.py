@@ -208,3 +208,54 @@ def write_model_card(trainer, output_dir: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     card.save(str(path))
     return path
+
+
+#: What `hf-spectralkd push` never uploads: checkpoints (optimizer states), staging folders, TensorBoard events.
+PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".checkpoint-staging/**", "runs/**", "_*", "*.tmp"]
+STUDENT_FILES = ("config.json", "model.safetensors")
+
+
+def hf_api():
+    """The Hub client (one place to patch in tests); tokens come from the caller or ``HF_TOKEN``."""
+    from transformers.utils.hub import hf_api as transformers_hf_api
+
+    return transformers_hf_api()
+
+
+def push_run(
+    output_dir: str,
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    revision: Optional[str] = None,
+    commit_message: str = "Upload SpectralKD-distilled student",
+):
+    """Push a finished run folder (student, processor, card, plots, results) to ``repo_id``.
+
+    Only the student is in a run folder's top level; checkpoints and TensorBoard events are skipped.
+    The card's usage snippet is pointed at ``repo_id`` before upload.
+    """
+    folder = Path(output_dir)
+    missing = [name for name in STUDENT_FILES if not (folder / name).exists()]
+    if missing:
+        raise ValueError(
+            f"output_dir: '{output_dir}' is not a finished run (missing {', '.join(missing)}); pass the folder "
+            "run_distill.py wrote the final student to"
+        )
+    readme = folder / "README.md"
+    if readme.exists():
+        card = ModelCard.load(str(readme))
+        card.text = card.text.replace("path/to/this/model", repo_id)
+        card.data.model_name = repo_id.split("/")[-1]
+        card.save(str(readme))
+    api = hf_api()
+    repo = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=getattr(repo, "repo_id", repo_id),
+        folder_path=str(folder),
+        commit_message=commit_message,
+        token=token,
+        revision=revision,
+        ignore_patterns=PUSH_IGNORE,
+    )

@@ -93,6 +93,20 @@ class ModelArguments:
     results_file: Optional[str] = field(
         default=None, metadata={"help": "Where to write results.json (default: <output_dir>/results.json)."}
     )
+    profile_images: int = field(
+        default=64,
+        metadata={
+            "help": "Evaluation images on which the final teacher and student spectral profiles are compared "
+            "(spectral_profiles.json/.png, shown in the model card). 0 disables."
+        },
+    )
+    spectral_dynamics_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Record the student's spectral profile on a fixed evaluation batch every N steps (and at each "
+            "evaluation) into spectral_dynamics.jsonl and TensorBoard. 0 disables."
+        },
+    )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
@@ -201,6 +215,35 @@ def describe_run(model_args, data_args, args, student: LoadedModel, teacher: Opt
     return "\n".join(lines)
 
 
+def fixed_eval_batch(data, count: int):
+    """The first ``count`` evaluation images (deterministic eval transform) as one tensor."""
+    if data.eval is None or count <= 0:
+        return None
+    samples = [data.eval[i] for i in range(min(count, len(data.eval)))]
+    return data.collator(samples)["pixel_values"]
+
+
+def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str) -> dict[str, Any]:
+    """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity.
+
+    Skipped under DeepSpeed ZeRO-3, where neither model's parameters are whole on any one process.
+    """
+    from hf_spectralkd.analysis import compare_profiles, spectral_profile
+    from hf_spectralkd.analysis.plots import plot_profile_comparison
+    from hf_spectralkd.hub import PROFILE_PLOT
+
+    student_model = trainer.accelerator.unwrap_model(trainer.model)
+    student_profile = spectral_profile(student_model, pixel_values.to(trainer.args.device), model_name="student")
+    teacher_profile = spectral_profile(teacher.to(trainer.args.device), pixel_values.to(trainer.args.device), model_name="teacher")
+    comparison = compare_profiles(student_profile, teacher_profile)
+    if trainer.is_world_process_zero():  # every rank computed (cheap, collective-free); one writes
+        payload = {"teacher": teacher_profile.to_dict(), "student": student_profile.to_dict(), "comparison": comparison.to_dict()}
+        Path(output_dir, "spectral_profiles.json").write_text(json.dumps(payload, indent=2))
+        plot_profile_comparison([teacher_profile, student_profile], ["teacher", "student"], Path(output_dir, PROFILE_PLOT),
+                                title=f"Spectral intensity, normalised (Pearson {comparison.pearson:.3f})")
+    return {"pearson": comparison.pearson, "mean_abs_distance": comparison.mean_abs_distance}
+
+
 def write_results(path: str, payload: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
@@ -260,6 +303,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer.teacher_info = teacher
     trainer.student_info = student
     trainer.dataset_name = data_args.dataset
+    profile_batch = fixed_eval_batch(data, max(model_args.profile_images, 32 if model_args.spectral_dynamics_steps else 0))
+    if model_args.spectral_dynamics_steps > 0 and profile_batch is not None:
+        from hf_spectralkd.analysis import SpectralDynamicsCallback
+
+        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], every_n_steps=model_args.spectral_dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(model_args, data_args, args, student, teacher, trainer, data), flush=True)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -272,6 +320,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     teacher_metrics = evaluate_model(teacher.model, data, args, processor) if (
         teacher is not None and model_args.evaluate_teacher and data.eval is not None
     ) else {}
+
+    trainer.teacher_accuracy = teacher_metrics.get("top1")
+    profile_similarity = None
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if teacher is not None and profile_batch is not None and model_args.profile_images > 0 and not zero3:
+        profile_similarity = write_profile_comparison(
+            trainer, teacher.model, profile_batch[: model_args.profile_images], args.output_dir
+        )
+    if trainer.is_world_process_zero():
+        from hf_spectralkd.hub import write_model_card
+
+        write_model_card(trainer, args.output_dir)  # again, now with the teacher's accuracy and the profile plot
 
     history = [e for e in trainer.state.log_history if "eval_top1" in e]
     results = {
@@ -293,6 +353,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "label_smoothing": args.label_smoothing,
         "global_steps": trainer.state.global_step, "epochs": trainer.state.epoch,
         "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "profile_similarity": profile_similarity,
         "skipped_images": next((e["skipped_images"] for e in reversed(trainer.state.log_history) if "skipped_images" in e), 0),
         "wall_time_s": round(time.time() - started, 1),
     }

@@ -118,9 +118,8 @@ def _gradient_of_view(view: torch.Tensor, base: torch.Tensor, base_grad: Optiona
         return torch.zeros_like(view)
     if view is base:
         return base_grad
-    base_grad = base_grad.contiguous() if base.is_contiguous() else base_grad
-    if base_grad.stride() != base.stride():
-        raise RuntimeError("cannot map the gradient of a block output onto its feature-map view")
+    if base_grad.stride() != base.stride():  # lay the gradient out like the block output it belongs to
+        base_grad = torch.empty_strided(base.shape, base.stride(), dtype=base_grad.dtype, device=base_grad.device).copy_(base_grad)
     return base_grad.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset())
 
 

@@ -1,0 +1,122 @@
+"""The ``hf-spectralkd`` command: analyse models, choose layers, push finished runs.
+
+    hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num-images 64] [--output-dir DIR]
+    hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
+    hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
+    hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME [--private]
+
+Distillation itself runs through ``recipes/run_distill.py`` (``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .common import exit_on_error
+
+
+def _select_layers(options) -> int:
+    from ..analysis import SpectralProfile, select_layers, spectral_profile
+    from ..features import describe_taps
+    from ..models import load_model
+    from .images import load_images, preprocess
+
+    if options.teacher_profile:
+        profile = SpectralProfile.load(options.teacher_profile)
+    else:
+        if not options.teacher or not options.dataset:
+            raise ValueError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
+        loaded = load_model(options.teacher, argument="teacher", revision=options.revision, trust_remote_code=options.trust_remote_code)
+        images, _ = load_images(options.dataset, options.split, options.num_images, "balanced")
+        pixel_values = preprocess(images, loaded.model, options.teacher if loaded.kind == "pretrained" else None, options.revision)
+        profile = spectral_profile(loaded.model.eval(), pixel_values, progress=True, model_name=options.teacher)
+    if options.student_layers is not None:
+        student_depth = options.student_layers
+    elif options.student:
+        student_depth = describe_taps(load_model(options.student, argument="student", from_scratch=True).model).num_layers
+    else:
+        raise ValueError("select-layers: give --student (model or architecture) or --student-layers N")
+    selection = select_layers(profile, student_depth, k=options.k)
+    print(f"# {selection.rule}")
+    print(f"# teacher ℓ per layer: [{', '.join(f'{v:.4g}' for v in profile.intensity)}]")
+    print(f"student_layers: [{', '.join(map(str, selection.student_layers))}]")
+    print(f"teacher_layers: [{', '.join(map(str, selection.teacher_layers))}]")
+    print(f"# on the command line: {selection.as_arguments()}")
+    return 0
+
+
+def _compare(options) -> int:
+    from ..analysis import SpectralProfile, compare_profiles
+    from ..analysis.plots import plot_profile_comparison
+
+    student, teacher = SpectralProfile.load(options.student_profile), SpectralProfile.load(options.teacher_profile)
+    result = compare_profiles(student, teacher)
+    print(f"pearson {result.pearson:.4f}  mean distance {result.mean_abs_distance:.4f}")
+    print("per-layer distance: " + ", ".join(f"{d:.3f}" for d in result.per_layer_distance))
+    if options.plot:
+        plot_profile_comparison([teacher, student], [teacher.model_name or "teacher", student.model_name or "student"], options.plot)
+        print(f"wrote {options.plot}")
+    return 0
+
+
+def _push(options) -> int:
+    from ..hub import push_run
+
+    result = push_run(options.output_dir, options.repo_id, private=options.private, revision=options.revision,
+                      commit_message=options.commit_message)
+    print(f"pushed {options.output_dir} to https://huggingface.co/{options.repo_id} ({getattr(result, 'commit_url', result)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import analyze
+
+    parser = argparse.ArgumentParser(prog="hf-spectralkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze_parser = commands.add_parser("analyze", help="Spectral profile, entropy, magnitudes, SVD rank and SEP of a model, with plots.")
+    analyze.add_arguments(analyze_parser)
+    analyze_parser.set_defaults(handler=analyze.run)
+
+    select = commands.add_parser("select-layers", help="Propose a layer map from the teacher's spectral profile.")
+    select.add_argument("--teacher", help="Teacher: Hub id or local folder.")
+    select.add_argument("--teacher-profile", help="Use this profile.json (from `analyze`) instead of running the teacher.")
+    select.add_argument("--student", help="Student (model, config.json or architecture name) whose depth the map targets.")
+    select.add_argument("--student-layers", type=int, default=None, help="Number of student blocks, instead of --student.")
+    select.add_argument("--dataset", help="Images to profile the teacher on (folder or dataset).")
+    select.add_argument("--split", default="validation", help="Dataset split. Default: validation.")
+    select.add_argument("--num-images", type=int, default=32, help="Images to profile the teacher on. Default: 32.")
+    select.add_argument("--k", type=int, default=None, help="At most this many pairs (default: the student's depth).")
+    select.add_argument("--revision", default=None, help="Teacher revision on the Hub.")
+    select.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the Hub to run.")
+    select.set_defaults(handler=_select_layers)
+
+    compare = commands.add_parser("compare", help="How closely a student's spectral profile follows its teacher's.")
+    compare.add_argument("student_profile", help="The student's profile.json.")
+    compare.add_argument("teacher_profile", help="The teacher's profile.json.")
+    compare.add_argument("--plot", default=None, help="Also write an overlay plot to this PNG path.")
+    compare.set_defaults(handler=_compare)
+
+    push = commands.add_parser("push", help="Push a finished run (student, processor, card, plots) to the Hub without retraining.")
+    push.add_argument("output_dir", help="The run folder that run_distill.py wrote the final student to.")
+    push.add_argument("--repo-id", required=True, help="Target repository, e.g. your-name/deit-tiny-spectralkd.")
+    push.add_argument("--private", action="store_true", help="Create the repository as private.")
+    push.add_argument("--revision", default=None, help="Branch to push to.")
+    push.add_argument("--commit-message", default="Upload SpectralKD-distilled student", help="Commit message.")
+    push.set_defaults(handler=_push)
+    return parser
+
+
+@exit_on_error
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    options = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return options.handler(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

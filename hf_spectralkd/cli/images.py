@@ -1,0 +1,126 @@
+"""Images for analysis: a folder of image files or a ``datasets`` split, sampled and preprocessed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data import DataArguments, decode_image, open_image_datasets
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def balanced_order(labels: Sequence[int]) -> list[int]:
+    """Indices visiting classes round-robin (each class in its original order): class-balanced prefixes."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    queues = [by_class[label] for label in sorted(by_class)]
+    order, depth = [], 0
+    while len(order) < len(labels):
+        for queue in queues:
+            if depth < len(queue):
+                order.append(queue[depth])
+        depth += 1
+    return order
+
+
+def _is_plain_image_folder(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file())
+
+
+def images_from_folder(root: Path, num_images: int, sample: str) -> tuple[list[Image.Image], list[str]]:
+    """Image files under ``root`` (any nesting), sorted; ``balanced`` rotates over sub-folders.
+
+    A folder with ``train``/``validation``/``test`` sub-folders is read as an imagefolder dataset instead.
+    """
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if sample == "balanced":
+        groups = [str(f.parent.relative_to(root)) for f in files]
+        names = sorted(set(groups))
+        files = [files[i] for i in balanced_order([names.index(g) for g in groups])]
+    images, used = [], []
+    for file in files:
+        image = decode_image(str(file))
+        if image is None:
+            logger.warning("skipping undecodable image %s", file)
+            continue
+        images.append(image)
+        used.append(str(file.relative_to(root)))
+        if len(images) == num_images:
+            break
+    return images, used
+
+
+def images_from_dataset(args: DataArguments, split: str, num_images: int, sample: str) -> tuple[list[Image.Image], list[str]]:
+    """Images of one split of a Hub/local dataset (``balanced``: round-robin over labels)."""
+    args.train_split, args.eval_split = split, None
+    raw = open_image_datasets(args).train
+    if args.streaming:
+        chosen = list(raw.take(num_images if sample == "first" else num_images * 20))
+        rows = [chosen[i] for i in (balanced_order([r[args.label_column] for r in chosen]) if sample == "balanced" else range(len(chosen)))]
+        indices = list(range(len(rows)))
+    else:
+        order = balanced_order(raw[args.label_column]) if sample == "balanced" else range(len(raw))
+        indices = list(order)[: num_images * 2]
+        rows = [raw[i] for i in indices]
+    images, used = [], []
+    for index, row in zip(indices, rows):
+        image = decode_image(row[args.image_column])
+        if image is None:
+            continue
+        images.append(image)
+        used.append(f"{split}[{index}]")
+        if len(images) == num_images:
+            break
+    return images, used
+
+
+def load_images(
+    dataset: str, split: str, num_images: int, sample: str = "balanced", image_column: str = "image",
+    label_column: str = "label", streaming: bool = False,
+) -> tuple[list[Image.Image], list[str]]:
+    """``num_images`` RGB images and their identifiers from a folder or a dataset."""
+    if num_images <= 0:
+        raise ValueError(f"num-images: must be positive, got {num_images}")
+    if sample not in ("balanced", "first"):
+        raise ValueError(f"sample: expected 'balanced' or 'first', got {sample!r}")
+    root = Path(dataset).expanduser()
+    has_splits = root.is_dir() and any((root / name).is_dir() for name in (split, "train", "validation", "test"))
+    if root.exists() and not has_splits and _is_plain_image_folder(root) and not any(root.rglob("*.parquet")):
+        images, used = images_from_folder(root, num_images, sample)
+    else:
+        data_args = DataArguments(dataset=dataset, image_column=image_column, label_column=label_column, streaming=streaming)
+        images, used = images_from_dataset(data_args, split, num_images, sample)
+    if not images:
+        raise ValueError(f"dataset: no decodable image found in '{dataset}'")
+    return images, used
+
+
+def preprocess(images: list[Image.Image], model: nn.Module, model_path: Optional[str], revision: Optional[str] = None) -> torch.Tensor:
+    """``N×3×H×W`` pixel values with the model's own image processor, or a timm evaluation transform.
+
+    A processor saved with the model (as run_distill.py does) is preferred because it holds the
+    normalisation the model was trained with.
+    """
+    from transformers import AutoImageProcessor
+
+    if model_path:
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_path, revision=revision)
+            return processor(images=images, return_tensors="pt")["pixel_values"]
+        except (OSError, ValueError, KeyError) as error:
+            logger.info("no image processor with %s (%s); using ImageNet evaluation preprocessing", model_path, error)
+    from ..data import build_eval_transform
+    from ..features import describe_taps
+
+    size = describe_taps(model).image_size[0]
+    transform = build_eval_transform(DataArguments(), size)
+    return torch.stack([transform(image) for image in images])

@@ -1,0 +1,119 @@
+"""The hf-spectralkd command end to end on a tiny saved model and a folder of images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import run_distill
+from helpers import class_image, tiny_cait, tiny_vit
+from PIL import Image
+from transformers import ViTImageProcessor
+
+from hf_spectralkd.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_models")
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    for name, model in (("teacher", tiny_cait(num_labels=3)), ("student", tiny_vit(num_labels=3))):
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plain_images")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        folder = root / f"class_{i % 3}"
+        folder.mkdir(exist_ok=True)
+        class_image(i % 3, rng).save(folder / f"img_{i}.jpg")
+    return root
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.stat().st_size > 5_000, path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
+
+
+def test_analyze_writes_profile_and_plots(model_dirs, image_folder, tmp_path, capsys):
+    out = tmp_path / "teacher_analysis"
+    code = main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "8",
+                 "--batch-size", "3", "--output-dir", str(out), "--with-gradients"])
+    assert code == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert report["images_used"] == 8 and report["layers"] == [0, 1, 2, 3]
+    assert len(report["intensity"]) == 4 and len(report["spectrum"][0]) == 64
+    assert len(report["entropy_bits"]) == 4 and len(report["activation_magnitude"]) == 4
+    assert len(report["gradient_magnitude_per_image"]) == 8
+    assert set(report["svd_energy_rank_p99"]) == {"80%", "90%", "95%", "99%"}
+    assert report["spectral_energy_pattern"]["50"]["bins"] >= 1
+    # balanced sampling visits the three class folders round-robin
+    assert [Path(i).parent.name for i in report["image_ids"][:3]] == ["class_0", "class_1", "class_2"]
+    for name in ("intensity.png", "intensity_histogram.png", "spectrum_grid.png", "svd_energy.png"):
+        assert_valid_png(out / name)
+    assert "analysed 8 images" in capsys.readouterr().out
+
+
+def test_analyze_compare_overlays_two_models(model_dirs, image_folder, tmp_path, capsys):
+    teacher_out, student_out = tmp_path / "t", tmp_path / "s"
+    assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "6",
+                 "--output-dir", str(teacher_out)]) == 0
+    assert main(["analyze", "--model", str(model_dirs / "student"), "--dataset", str(image_folder), "--num-images", "6",
+                 "--output-dir", str(student_out), "--compare", str(teacher_out / "profile.json")]) == 0
+    report = json.loads((student_out / "profile.json").read_text())
+    assert -1.0 <= report["comparison"]["pearson"] <= 1.0 and len(report["comparison"]["per_layer_distance"]) == 3
+    assert_valid_png(student_out / "comparison.png")
+    assert "similarity to" in capsys.readouterr().out
+    assert main(["compare", str(student_out / "profile.json"), str(teacher_out / "profile.json"), "--plot", str(tmp_path / "c.png")]) == 0
+    assert_valid_png(tmp_path / "c.png")
+
+
+def test_analyze_reads_a_dataset_split(model_dirs, imagefolder, tmp_path):
+    out = tmp_path / "ds"
+    assert main(["analyze", "--model", str(model_dirs / "student"), "--dataset", imagefolder, "--split", "validation",
+                 "--num-images", "5", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert report["images_used"] == 5 and report["image_ids"][0].startswith("validation[")
+
+
+def test_select_layers_prints_a_map_run_distill_accepts(tmp_path, capsys, model_dirs, image_folder):
+    profile = {"layers": list(range(24)), "intensity": [3.0, 2.4] + [1.0] * 16 + [2.0, 2.2, 2.4, 2.6, 2.9, 3.2],
+               "spectrum": [[1.0]] * 24, "num_images": 32, "family": "timm_wrapper"}
+    (tmp_path / "teacher.json").write_text(json.dumps(profile))
+    assert main(["select-layers", "--teacher-profile", str(tmp_path / "teacher.json"), "--student", "deit_tiny_patch16_224"]) == 0
+    printed = capsys.readouterr().out
+    yaml_lines = [line for line in printed.splitlines() if not line.startswith("#")]
+    (tmp_path / "map.yaml").write_text("\n".join(yaml_lines) + "\nstudent: deit_tiny_patch16_224\n")
+    _, _, args = run_distill.parse_arguments([str(tmp_path / "map.yaml"), "--output_dir", str(tmp_path / "o")])
+    assert args.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and args.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
+    # from the teacher itself, on images
+    assert main(["select-layers", "--teacher", str(model_dirs / "teacher"), "--dataset", str(image_folder),
+                 "--num-images", "4", "--student-layers", "3"]) == 0
+    assert "teacher_layers: [" in capsys.readouterr().out
+
+
+def test_every_cli_option_is_documented():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and len(action.help) > 10, f"{name} {action.option_strings or action.dest} lacks help"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, image_folder):
+    assert main(["analyze", "--model", str(tmp_path / "missing"), "--dataset", str(image_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model: cannot load") and err.count("\n") == 1
+    assert main(["push", str(tmp_path), "--repo-id", "me/x"]) == 2
+    assert "is not a finished run" in capsys.readouterr().err
