@@ -33,8 +33,8 @@ def parse_layer_list(value: Any, argument: str) -> Union[list[int], str, None]:
             items.extend(part for part in item.replace(",", " ").split() if part)
         else:
             items.append(item)
-    if len(items) == 1 and isinstance(items[0], str) and items[0].lower() == "auto":
-        return "auto"
+    if len(items) == 1 and isinstance(items[0], str) and items[0].lower() in ("auto", "none"):
+        return "auto" if items[0].lower() == "auto" else None
     layers = []
     for item in items:
         if isinstance(item, bool):

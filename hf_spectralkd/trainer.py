@@ -18,6 +18,7 @@ processes.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -26,9 +27,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .config import SpectralDistillationConfig
 from .data import ImageClassificationCollator
@@ -118,6 +119,7 @@ class SpectralDistillationTrainer(Trainer):
             )
 
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        self.add_callback(_DatasetEpochCallback(self))
         # Running sums of (ce, kd, feature) per mode, reset at each log; see `log`.
         self._loss_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
         self._loss_counts = {"train": 0, "eval": 0}
@@ -200,6 +202,21 @@ class SpectralDistillationTrainer(Trainer):
         self.layer_selection = selection
         logger.info("teacher_layers='auto': %s (%s)", selection.as_arguments(), selection.rule)
         return selection.student_layers, selection.teacher_layers
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; a resumed stream skips the already-trained batches without decoding them."""
+        if resume_from_checkpoint and not self.args.ignore_data_skip and hasattr(self.train_dataset, "fast_forward"):
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            state_file = os.path.join(str(checkpoint), "trainer_state.json")
+            if checkpoint and os.path.isfile(state_file):
+                with open(state_file, encoding="utf-8") as handle:
+                    global_step = json.load(handle)["global_step"]
+                self.train_dataset.fast_forward(
+                    global_step * self.args.gradient_accumulation_steps, self.args.per_device_train_batch_size
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # Loss
@@ -385,6 +402,23 @@ class SpectralDistillationTrainer(Trainer):
             from .hub import write_model_card
 
             write_model_card(self, self.args.output_dir)
+
+
+class _DatasetEpochCallback(TrainerCallback):
+    """Tell the training dataset which epoch starts, also on a resumed run.
+
+    Augmentation (map-style) and stream order (streaming) depend on the epoch. accelerate forwards
+    ``set_epoch`` to the dataset, except through the loader that skips the already-seen batches of a
+    resumed epoch, which would replay that epoch with epoch 0's randomness.
+    """
+
+    def __init__(self, trainer: "SpectralDistillationTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
 
 
 def deit_lr_lambda(args: SpectralDistillationConfig, num_training_steps: int) -> Callable[[int], float]:

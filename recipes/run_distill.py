@@ -22,6 +22,7 @@ model card), ``results.json`` and ``run_config.json``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -111,7 +112,14 @@ class ModelArguments:
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
     parser = HfArgumentParser((ModelArguments, DataArguments, SpectralDistillationConfig))
-    return parser.parse_args_into_dataclasses(args=expand_config_argument(argv))
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=expand_config_argument(argv), return_remaining_strings=True)
+    if unknown:
+        known = [option for action in parser._actions for option in action.option_strings]
+        flags = [u for u in unknown if u.startswith("--")] or unknown
+        hints = {f: difflib.get_close_matches(f, known, n=1) for f in flags}
+        hint = "; ".join(f"did you mean {m[0]} for {f}?" for f, m in hints.items() if m)
+        raise UsageError(f"unknown option(s) {' '.join(unknown)}" + (f" ({hint})" if hint else "") + "; see --help")
+    return tuple(parsed)
 
 
 def hub_token(args: SpectralDistillationConfig) -> Optional[str]:

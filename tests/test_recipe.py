@@ -19,7 +19,7 @@ from hf_spectralkd.data import (
     build_eval_transform,
     load_image_datasets,
 )
-from hf_spectralkd.demo import load_mnist_demo
+from hf_spectralkd.data.demo import load_mnist_demo
 from hf_spectralkd.models import load_model
 from hf_spectralkd.validation import build_layer_map
 
@@ -82,22 +82,24 @@ def streaming_args(saved_models, parquet_dataset, output_dir, *extra):
     )
 
 
-def test_streaming_runs_with_max_steps_and_resumes_exactly(parquet_dataset, saved_models, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_runs_with_max_steps_and_resumes_exactly(workers, parquet_dataset, saved_models, tmp_path):
     import shutil
 
+    # 24 images at batch 4: a pass is 6 steps, so step 8 lies in the second (reshuffled) pass.
+    options = ["--max_steps", "12", "--save_steps", "4", "--dataloader_num_workers", str(workers), "--profile_images", "0"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run_distill.main(streaming_args(saved_models, parquet_dataset, full, "--max_steps", "6")) == 0
-    # Continue from the full run's step-2 checkpoint in a fresh folder: the stream is replayed to
-    # step 2 and steps 3-6 must reproduce the uninterrupted run.
+    assert run_distill.main(streaming_args(saved_models, parquet_dataset, full, *options)) == 0
+    # Continue from the full run's step-8 checkpoint in a fresh folder: the stream is fast-forwarded
+    # to step 8 and steps 9-12 must reproduce the uninterrupted run.
     resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_distill.main(streaming_args(saved_models, parquet_dataset, resumed, "--max_steps", "6",
-                                           "--resume_from_checkpoint", "true")) == 0
+    shutil.copytree(full / "checkpoint-8", resumed / "checkpoint-8")
+    assert run_distill.main(streaming_args(saved_models, parquet_dataset, resumed, *options, "--resume_from_checkpoint", "true")) == 0
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    full_state = json.loads((full / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
-    resumed_state = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    full_state = json.loads((full / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    resumed_state = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     losses = lambda history: [(e["step"], e["loss"], e["loss_fft"]) for e in history if "loss" in e]  # noqa: E731
     assert losses(resumed_state)[-1] == pytest.approx(losses(full_state)[-1], rel=1e-5)
 

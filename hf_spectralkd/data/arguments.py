@@ -1,0 +1,64 @@
+"""Command-line / config options of the data pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEMO_DATASET = "demo:mnist5k"
+#: Number of training images of well-known streamed datasets, used to turn epochs into max_steps.
+KNOWN_TRAIN_SIZES = {"ILSVRC/imagenet-1k": 1_281_167, "imagenet-1k": 1_281_167, "timm/imagenet-1k-wds": 1_281_167}
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and how they are augmented (the recipe's data options)."""
+
+    dataset: str = field(
+        default=DEMO_DATASET,
+        metadata={
+            "help": "Hub dataset id (e.g. ILSVRC/imagenet-1k, gated: set HF_TOKEN), a local imagefolder "
+            "(root/<split>/<class>/*.jpg), a folder of parquet files, or 'demo:mnist5k' (offline digits)."
+        },
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    dataset_revision: Optional[str] = field(default=None, metadata={"help": "Dataset branch, tag or commit on the Hub."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: Optional[str] = field(
+        default="validation",
+        metadata={"help": "Split used for evaluation; when missing, --validation_fraction of train is held out."},
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the train split held out for evaluation when there is no eval split."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding integer class labels."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the train split (no full download). Requires --max_steps or a known dataset size."},
+    )
+    train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Number of training images of a streamed dataset, to derive max_steps from epochs."},
+    )
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed train split."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the eval split."})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Input resolution; defaults to the student's configured image size."}
+    )
+    eval_crop_pct: float = field(default=0.875, metadata={"help": "Center-crop fraction at evaluation (224/256)."})
+    interpolation: str = field(default="bicubic", metadata={"help": "Resize interpolation: bicubic, bilinear, ..."})
+    auto_augment: Optional[str] = field(
+        default="rand-m9-mstd0.5-inc1",
+        metadata={"help": "timm auto-augment policy ('none' to disable); with one, colour jitter is off as in DeiT."},
+    )
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability in training."})
+    scale_min: float = field(default=0.08, metadata={"help": "Lower bound of RandomResizedCrop's area scale."})
+    reprob: float = field(default=0.25, metadata={"help": "Random erasing probability ('pixel' mode, one box)."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha; > 0 enables mixup (soft targets). Off in the paper."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha; > 0 enables CutMix (soft targets). Off in the paper."})
+    image_mean: Optional[list[float]] = field(default=None, metadata={"help": "Normalisation mean (default ImageNet)."})
+    image_std: Optional[list[float]] = field(default=None, metadata={"help": "Normalisation std (default ImageNet)."})

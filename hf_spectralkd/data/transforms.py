@@ -1,0 +1,156 @@
+"""Image decoding, timm transforms and deterministic per-sample randomness.
+
+Augmentation draws from the global Python/NumPy/torch generators (timm and torchvision do); each
+sample runs under generators seeded from its own identity (:func:`seeded_rngs`), so what a sample
+looks like never depends on worker count, prefetching or where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import random
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .arguments import IMAGENET_MEAN, IMAGENET_STD, DataArguments
+
+logger = logging.getLogger(__name__)
+
+
+def build_train_transform(args: DataArguments, image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """timm DeiT training transform: PIL RGB image → ``3×S×S`` float tensor."""
+    from timm.data import create_transform
+
+    auto_augment = None if (args.auto_augment or "none").lower() == "none" else args.auto_augment
+    return create_transform(
+        input_size=image_size,
+        is_training=True,
+        scale=(args.scale_min, 1.0),
+        hflip=args.hflip,
+        auto_augment=auto_augment,
+        color_jitter=0.0 if auto_augment is None else 0.4,  # timm ignores jitter when a policy is set
+        interpolation=args.interpolation,
+        re_prob=args.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=tuple(args.image_mean or IMAGENET_MEAN),
+        std=tuple(args.image_std or IMAGENET_STD),
+    )
+
+
+def build_eval_transform(args: DataArguments, image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to ``S / crop_pct`` and center-crop ``S`` (224 ← 256 by default)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=image_size,
+        is_training=False,
+        interpolation=args.interpolation,
+        crop_pct=args.eval_crop_pct,
+        mean=tuple(args.image_mean or IMAGENET_MEAN),
+        std=tuple(args.image_std or IMAGENET_STD),
+    )
+
+
+def build_mixup(args: DataArguments, num_classes: int, label_smoothing: float):
+    """timm ``Mixup`` when mixup or cutmix is on, else ``None``. Its targets already hold the smoothing."""
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+def build_image_processor(args: DataArguments, image_size: int):
+    """The image processor saved with the student, matching :func:`build_eval_transform`.
+
+    With a center crop (``eval_crop_pct < 1``) this is ``ConvNextImageProcessor``'s shortest-edge
+    resize to ``S / crop_pct`` then an ``S×S`` crop, as timm evaluates; without one, a plain
+    ``S×S`` resize. Either way ``pipeline("image-classification", model=student_dir)`` preprocesses
+    images as evaluation did.
+    """
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    resample = getattr(Image.Resampling, args.interpolation.upper(), Image.Resampling.BICUBIC)
+    mean, std = list(args.image_mean or IMAGENET_MEAN), list(args.image_std or IMAGENET_STD)
+    if args.eval_crop_pct < 1.0 and image_size < 384:
+        return ConvNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_pct=args.eval_crop_pct, resample=resample, image_mean=mean, image_std=std
+        )
+    return ViTImageProcessor(size={"height": image_size, "width": image_size}, resample=resample, image_mean=mean, image_std=std)
+
+
+def sample_seed(*parts: Any) -> int:
+    """A 63-bit seed from any hashable parts (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy and torch (CPU) RNGs for a block, then restore their previous states.
+
+    timm and torchvision transforms draw from these global generators; restoring keeps the
+    training process's own random stream (dropout, samplers) untouched.
+    """
+    # The CPU generator is used directly: torch.manual_seed would also queue a CUDA reseed (and
+    # record a stack trace for it) on every sample, which costs ~1 ms.
+    generator = torch.default_generator
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        generator.set_state(torch_state)
+
+
+def decode_image(value: Any) -> Optional[Image.Image]:
+    """An RGB PIL image from a ``datasets.Image(decode=False)`` value, a path, bytes or PIL image.
+
+    Returns ``None`` when the image cannot be decoded (truncated, not an image, missing file).
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict):
+            raw, path = value.get("bytes"), value.get("path")
+            image = Image.open(io.BytesIO(raw)) if raw is not None else Image.open(path)
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        else:
+            image = Image.open(value)
+        image.load()  # force the full decode here, inside the try
+        return image.convert("RGB")
+    except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
+        logger.debug("skipping undecodable image: %s", error)
+        return None
+
+
+def content_key(value: Any) -> str:
+    """A stable identity of an image record: a hash of its bytes, else its path."""
+    if isinstance(value, dict):
+        raw = value.get("bytes")
+        if raw is not None:
+            return hashlib.blake2b(raw, digest_size=8).hexdigest()
+        return str(value.get("path"))
+    return str(value)
+
+
+def transform_row(image_value: Any, label: Any, transform: Callable, seed: int) -> dict[str, Any]:
+    """Decode and augment one record under RNGs seeded with ``seed``; ``pixel_values`` is ``None`` if undecodable."""
+    image = decode_image(image_value)
+    if image is None:
+        return {"pixel_values": None, "labels": label, "seed": seed}
+    with seeded_rngs(seed):
+        pixel_values = transform(image)
+    return {"pixel_values": pixel_values, "labels": label, "seed": seed}

@@ -1,0 +1,265 @@
+"""Bad input fails fast with one clear line; crashes lose nothing; killed runs resume exactly."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import run_distill
+import torch
+from helpers import SyntheticImageDataset, tiny_cait, tiny_swin, tiny_vit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from test_recipe import tiny_run_args
+from transformers import AutoModelForImageClassification
+
+from hf_spectralkd import NonFiniteLossError, SpectralDistillationConfig, SpectralDistillationTrainer, distillation_loss
+from hf_spectralkd import spectral_alignment_loss
+from hf_spectralkd.losses import mse_alignment_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, saved_models):
+    """Models and files that the table below points at."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    ResNetForImageClassification(ResNetConfig(num_labels=3, hidden_sizes=[8, 8, 8, 8], embedding_size=8)).save_pretrained(root / "resnet")
+    tiny_swin(num_labels=3).config.save_pretrained(root / "swin_student")
+    tiny_cait(num_labels=7).save_pretrained(root / "teacher7")
+    (root / "a_file").write_text("not a folder")
+    previous = root / "previous_run" / "checkpoint-5"
+    previous.mkdir(parents=True)
+    return {"root": root, "resnet": str(root / "resnet"), "swin": str(root / "swin_student" / "config.json"),
+            "teacher7": str(root / "teacher7"), "file": str(root / "a_file"), "previous": str(root / "previous_run")}
+
+
+def run_and_capture(argv, capsys) -> tuple[int, str]:
+    try:
+        code = run_distill.main(argv)
+    except SystemExit as exit_:  # argparse rejects unknown options itself
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+#: (case id, how to change the tiny working command, expected message)
+BAD_INPUTS = [
+    ("unknown_teacher", lambda a, p: a + ["--teacher", str(p["root"] / "no-such-teacher")], "teacher: cannot load"),
+    ("unknown_hub_student", lambda a, p: a + ["--student", "no-such-user/no-such-model"], "student: cannot load 'no-such-user/no-such-model'"),
+    ("unsupported_architecture", lambda a, p: a + ["--teacher", p["resnet"]], "Unsupported model for spectral feature taps"),
+    ("layer_lists_differ", lambda a, p: a + ["--teacher_layers", "0", "1", "3"], "must have the same length"),
+    ("layer_out_of_range", lambda a, p: a + ["--teacher_layers", "0", "9"], "teacher_layers: index 9 is out of range"),
+    ("auto_on_unanalysable_teacher", lambda a, p: a + ["--teacher", p["resnet"], "--student_layers", "none", "--teacher_layers", "auto"],
+     "Unsupported model for spectral feature taps"),
+    ("spatial_mismatch", lambda a, p: a + ["--student", p["swin"], "--student_layers", "0", "1", "--teacher_layers", "0", "1"],
+     "student layer 0 is 16×16 but teacher layer 0 is 4×4"),
+    ("class_count_mismatch", lambda a, p: a + ["--teacher", p["teacher7"]], "different numbers of classes: teacher 7, student 3"),
+    ("unknown_dataset", lambda a, p: a + ["--dataset", "no-such-user/no-such-dataset"], "dataset: cannot load 'no-such-user/no-such-dataset'"),
+    ("missing_image_column", lambda a, p: a + ["--image_column", "pixels"], "image_column: column 'pixels' is not in dataset"),
+    ("missing_label_column", lambda a, p: a + ["--label_column", "target"], "label_column: column 'target' is not in dataset"),
+    ("alpha_above_one", lambda a, p: a + ["--alpha", "1.5"], "alpha must be in [0.0, 1.0], got 1.5"),
+    ("negative_beta", lambda a, p: a + ["--beta", "-0.2"], "beta must be in [0.0, inf), got -0.2"),
+    ("nan_temperature", lambda a, p: a + ["--temperature", "nan"], "temperature must be a finite number, got nan"),
+    ("negative_temperature", lambda a, p: a + ["--temperature", "-1"], "temperature must be in (0.0, inf)"),
+    ("unknown_distillation_type", lambda a, p: a + ["--distillation_type", "medium"], "distillation_type must be one of"),
+    ("output_dir_inside_a_file", lambda a, p: a + ["--output_dir", p["file"] + "/run"], "is inside a file"),
+    ("output_dir_holds_another_run", lambda a, p: a + ["--output_dir", p["previous"]], "already holds a run (checkpoint-5)"),
+    ("resume_without_checkpoint", lambda a, p: a + ["--resume_from_checkpoint", "true"], "no checkpoint-* folder"),
+    ("missing_student", lambda a, p: [x for x in a] + ["--student", ""], "student: no student given"),
+    ("missing_config_file", lambda a, p: [str(p["root"] / "nope.yaml")] + a, "config: file"),
+    ("student_auto", lambda a, p: a + ["--student_layers", "auto"], "student_layers: 'auto' is only accepted for teacher_layers"),
+    ("unknown_option", lambda a, p: a + ["--alpah", "0.5"], "unknown option(s) --alpah 0.5 (did you mean --alpha for --alpah?)"),
+]
+
+
+@pytest.mark.parametrize("case,change,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_fails_with_one_clear_line(case, change, message, bad_inputs, saved_models, imagefolder, tmp_path, capsys):
+    argv = change(tiny_run_args(saved_models, imagefolder, tmp_path / f"out_{case}"), bad_inputs)
+    started = time.time()
+    code, err = run_and_capture(argv, capsys)
+    assert code == 2, err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert time.time() - started < 60
+    assert not (tmp_path / f"out_{case}" / "checkpoint-1").exists()
+
+
+def test_streamed_data_without_max_steps_and_no_traceback_in_a_real_process(saved_models, imagefolder, tmp_path):
+    import shutil
+
+    fresh = tmp_path / "images"
+    shutil.copytree(imagefolder, fresh)
+    argv = tiny_run_args(saved_models, str(fresh), tmp_path / "out", "--streaming", "true", "--max_steps", "-1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_distill.py"), *argv], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 2
+    assert "error: max_steps: a streamed dataset of unknown size needs --max_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Kill and resume
+# ------------------------------------------------------------------------------------------------
+RECIPE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_recipe_process(argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_distill.py"), *argv], env=RECIPE_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def kill_after_checkpoint(argv: list[str], output_dir: Path, checkpoint_step: int) -> None:
+    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "run_distill.py"), *argv], env=RECIPE_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not (output_dir / f"checkpoint-{checkpoint_step}").exists():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map_style", "streamed"])
+def test_sigkill_then_resume_matches_uninterrupted_run(streaming, saved_models, parquet_dataset, tmp_path):
+    extra = ["--image_column", "img", "--label_column", "target", "--max_steps", "40", "--save_steps", "4",
+             "--eval_strategy", "no", "--evaluate_teacher", "false", "--logging_steps", "4", "--profile_images", "0"]
+    if streaming:
+        extra += ["--streaming", "true", "--shuffle_buffer_size", "8"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # Every phase runs as its own process, like real jobs (and with the same threading, hence rounding).
+    run_recipe_process(tiny_run_args(saved_models, parquet_dataset, full, *extra))
+    kill_after_checkpoint(tiny_run_args(saved_models, parquet_dataset, killed, *extra), killed, checkpoint_step=8)
+    assert not (killed / "model.safetensors").exists()  # really interrupted before the end
+    run_recipe_process(tiny_run_args(saved_models, parquet_dataset, killed, *extra, "--resume_from_checkpoint", "true"))
+    expected, resumed = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    import json
+
+    final = lambda folder: [e for e in json.loads((folder / "checkpoint-40" / "trainer_state.json").read_text())["log_history"] if "loss" in e][-1]  # noqa: E731
+    a, b = final(full), final(killed)
+    for key in ("loss", "loss_ce", "loss_kd", "loss_fft"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5)
+
+
+def test_crash_during_a_save_never_leaves_a_complete_looking_checkpoint(tmp_path, monkeypatch):
+    args = SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                                      report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0], teacher_layers=[0])
+    trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=tiny_cait(), args=args, train_dataset=SyntheticImageDataset(16))
+    original = trainer._save_optimizer_and_scheduler
+    calls = {"n": 0}
+
+    def crash_on_second_save(output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", crash_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+    assert get_last_checkpoint(str(tmp_path / "run")).endswith("checkpoint-2")
+    assert {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()} >= {"model.safetensors", "optimizer.pt", "trainer_state.json"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite losses
+# ------------------------------------------------------------------------------------------------
+def poison(outputs, component: str):
+    nan = float("nan")
+    if component == "kd":
+        outputs.logits = outputs.logits * nan
+    else:
+        outputs.hidden_states = [h * nan for h in outputs.hidden_states]
+    return outputs
+
+
+@pytest.mark.parametrize("component,name", [("kd", "loss_kd"), ("fft", "loss_fft")])
+def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(component, name, tmp_path):
+    teacher = tiny_cait()
+    calls = {"n": 0}
+
+    def hook(module, inputs, outputs):
+        calls["n"] += 1
+        return poison(outputs, component) if calls["n"] == 3 else outputs
+
+    teacher.register_forward_hook(hook)
+    args = SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, per_device_train_batch_size=4,
+                                      report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0, 2], teacher_layers=[0, 3])
+    trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=teacher, args=args, train_dataset=SyntheticImageDataset(32))
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step 3: {name}=nan"):
+        trainer.train()
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_recipe_reports_nonfinite_loss_with_exit_code_1(saved_models, imagefolder, tmp_path, capsys):
+    # A learning rate this large makes the student's logits overflow within a few steps.
+    code, err = run_and_capture(tiny_run_args(saved_models, imagefolder, tmp_path / "out", "--learning_rate", "1e30",
+                                              "--max_steps", "20", "--optim", "sgd"), capsys)
+    assert code == 1
+    assert "error: non-finite loss at step" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Property-based checks of the losses
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def feature_pairs(draw):
+    batch = draw(st.integers(1, 3))
+    pairs = []
+    for _ in range(draw(st.integers(1, 3))):
+        height, width = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        student_c, teacher_c = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+        seed = draw(st.integers(0, 2**31 - 1))
+        generator = torch.Generator().manual_seed(seed)
+        scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+        pairs.append((torch.randn(batch, student_c, height, width, generator=generator) * scale,
+                      torch.randn(batch, teacher_c, height, width, generator=generator) * scale))
+    return pairs
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(feature_pairs())
+def test_feature_losses_are_finite_nonnegative_and_zero_on_identical_inputs(pairs):
+    students, teachers = [s for s, _ in pairs], [t for _, t in pairs]
+    for loss_fn in (spectral_alignment_loss, mse_alignment_loss):
+        value = loss_fn(students, teachers)
+        assert math.isfinite(value.item()) and value.item() >= 0
+        assert loss_fn(students, [s.clone() for s in students]).item() == pytest.approx(0.0, abs=1e-12)
+    fast, reference = spectral_alignment_loss(students, teachers), spectral_alignment_loss(students, teachers, method="fft")
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-4, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 9), st.floats(0.0, 1.0), st.floats(0.1, 10.0), st.sampled_from(["soft", "hard"]),
+       st.integers(0, 2**31 - 1))
+def test_distillation_loss_is_finite_and_nonnegative(batch, classes, alpha, temperature, kind, seed):
+    generator = torch.Generator().manual_seed(seed)
+    student, teacher = torch.randn(batch, classes, generator=generator) * 5, torch.randn(batch, classes, generator=generator) * 5
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    value = distillation_loss(student, teacher, labels, alpha=alpha, temperature=temperature, kind=kind).item()
+    assert math.isfinite(value) and value >= 0
+    same = distillation_loss(student, student, labels, alpha=1.0, temperature=temperature, kind="soft").item()
+    assert same == pytest.approx(0.0, abs=1e-5)
