@@ -68,6 +68,12 @@ def parquet_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def parquet_dataset_48(tmp_path_factory):
+    """48 training images: fewer passes over the stream for long runs (each pass end costs datasets ~5 s)."""
+    return make_parquet_dataset(tmp_path_factory.mktemp("parquet48"), per_class=16)
+
+
+@pytest.fixture(scope="session")
 def saved_models(tmp_path_factory):
     """A tiny CaiT teacher (timm wrapper) and a tiny ViT student config, saved to disk."""
     root = tmp_path_factory.mktemp("models")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import run_distill
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
@@ -17,6 +18,7 @@ from hf_spectralkd.data import (
     ImageClassificationCollator,
     TransformedImageDataset,
     build_eval_transform,
+    build_train_transform,
     load_image_datasets,
 )
 from hf_spectralkd.data.demo import load_mnist_demo
@@ -212,3 +214,24 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(imagefolder):
     assert not torch.equal(data.train[2]["pixel_values"], first)
     data.train.set_epoch(0)
     assert torch.equal(data.train[2]["pixel_values"], first)
+
+
+def test_deit_training_transform_and_pillow13_posterize():
+    from timm.data.random_erasing import RandomErasing
+
+    transform = build_train_transform(DataArguments(), 64)
+    steps = {type(step).__name__: step for step in transform.transforms}
+    rand_augment = steps["RandAugment"]
+    assert {op.name for op in rand_augment.ops} >= {"PosterizeIncreasing", "SolarizeIncreasing", "Rotate"}
+    assert all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in rand_augment.ops)
+    erasing = next(step for step in transform.transforms if isinstance(step, RandomErasing))
+    assert erasing.probability == 0.25 and erasing.mode == "pixel"
+    assert "bicubic" in str(steps["RandomResizedCropAndInterpolation"].interpolation).lower()
+    # Magnitude 10 asks timm's posterize for 0 bits, which Pillow 13 rejects: the op must cope.
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0.0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert np.asarray(posterize(image)).max() == 0
+    for seed in range(20):  # the full transform never raises, whatever the magnitudes drawn
+        torch.manual_seed(seed)
+        assert transform(image).shape == (3, 64, 64)

@@ -28,7 +28,7 @@ def build_train_transform(args: DataArguments, image_size: int) -> Callable[[Ima
     from timm.data import create_transform
 
     auto_augment = None if (args.auto_augment or "none").lower() == "none" else args.auto_augment
-    return create_transform(
+    transform = create_transform(
         input_size=image_size,
         is_training=True,
         scale=(args.scale_min, 1.0),
@@ -42,6 +42,35 @@ def build_train_transform(args: DataArguments, image_size: int) -> Callable[[Ima
         mean=tuple(args.image_mean or IMAGENET_MEAN),
         std=tuple(args.image_std or IMAGENET_STD),
     )
+    return _with_pillow13_posterize(transform)
+
+
+def _posterize_keeping_zero_bits(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, defined for 0 bits as well (a black image, as Pillow < 13 produced)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _with_pillow13_posterize(transform: Callable) -> Callable:
+    """Make timm's RandAugment safe with Pillow >= 13.
+
+    ``rand-m9-mstd0.5-inc1`` draws magnitudes up to 10, where timm's increasing posterize keeps
+    ``4 - int(10/10·4) = 0`` bits; Pillow 13 rejects 0 bits with a ValueError that would stop
+    training at a random step. The op is swapped, in this transform only, for one that keeps the old
+    result (a black image).
+    """
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_keeping_zero_bits
+    return transform
 
 
 def build_eval_transform(args: DataArguments, image_size: int) -> Callable[[Image.Image], torch.Tensor]:

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Time one SpectralKD training step at the paper's model sizes, in four modes measured in one run.
+
+Student: DeiT-Tiny (ViT-Ti/16, 5.7 M parameters) built from its config; teacher: CaiT-S24 (47 M)
+through transformers' timm wrapper; random weights, random images. Each measured iteration runs
+every mode once, in turn, so slow drifts of a shared machine hit all modes alike; the median over
+iterations is reported.
+
+    student        student forward + backward + AdamW step, no teacher (CE only)
+    kd             + teacher forward (no_grad) and soft KD
+    kd_fft         + FFT alignment on the paper's 8 layer pairs (beta 0.2)
+    teacher        teacher forward alone (no_grad)
+
+Ratios: fft_overhead = kd_fft / kd - 1; teacher_share = teacher / kd_fft;
+step_vs_parts = kd_fft / (teacher + student) (1.0 means no overhead beyond the two models).
+Also timed: the feature loss alone (closed-form default, rfft2 of the difference, and the naive
+two-transform reference) and the teacher under no_grad vs inference_mode.
+
+    python bench/step.py --batch-size 8 --steps 10
+    python bench/step.py --device cuda --dtype bf16 --batch-size 256 --steps 30 [--compile-teacher]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer  # noqa: E402
+from hf_spectralkd.features import extract_features, feature_forward_kwargs  # noqa: E402
+from hf_spectralkd.losses import spectral_alignment_loss  # noqa: E402
+from hf_spectralkd.models import ARCHITECTURE_PRESETS  # noqa: E402
+
+STUDENT_LAYERS = [0, 1, 6, 7, 8, 9, 10, 11]
+TEACHER_LAYERS = [0, 1, 18, 19, 20, 21, 22, 23]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_models(num_labels: int):
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    student_config = ARCHITECTURE_PRESETS["deit_tiny_patch16_224"]()
+    student_config.num_labels = num_labels
+    teacher_config = ARCHITECTURE_PRESETS["cait_s24_224"]()
+    teacher_config.num_labels = num_labels
+    return AutoModelForImageClassification.from_config(student_config), AutoModelForImageClassification.from_config(teacher_config)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive_fft_loss(student_maps, teacher_maps) -> torch.Tensor:
+    """The straightforward form: pool, rfft2 both maps, stack real/imag, MSE, per pair."""
+    losses = []
+    for s, t in zip(student_maps, teacher_maps):
+        t = torch.nn.functional.adaptive_avg_pool3d(t.float(), (s.shape[1], t.shape[2], t.shape[3]))
+        fs = torch.view_as_real(torch.fft.rfft2(s.float(), norm="ortho"))
+        ft = torch.view_as_real(torch.fft.rfft2(t, norm="ortho"))
+        losses.append(torch.nn.functional.mse_loss(fs, ft))
+    return torch.stack(losses).mean()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per step. Default: 8.")
+    parser.add_argument("--steps", type=int, default=10, help="Measured iterations (each runs all modes). Default: 10.")
+    parser.add_argument("--warmup", type=int, default=2, help="Unmeasured iterations first. Default: 2.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Autocast precision of the forward passes.")
+    parser.add_argument("--compile-teacher", action="store_true", help="torch.compile the teacher (as --teacher_compile).")
+    parser.add_argument("--num-labels", type=int, default=1000, help="Classes. Default: 1000.")
+    options = parser.parse_args(argv)
+    device = torch.device(options.device)
+    dtype = DTYPES[options.dtype]
+
+    student, teacher = build_models(options.num_labels)
+    common = dict(output_dir="/tmp/hf_spectralkd_bench", report_to=[], use_cpu=device.type == "cpu",
+                  bf16=options.dtype == "bf16", fp16=options.dtype == "fp16", disable_tqdm=True, teacher_compile=options.compile_teacher)
+    configs = {
+        "student": SpectralDistillationConfig(distillation_type="none", beta=0.0, **common),
+        "kd": SpectralDistillationConfig(beta=0.0, **common),
+        "kd_fft": SpectralDistillationConfig(student_layers=STUDENT_LAYERS, teacher_layers=TEACHER_LAYERS, beta=0.2, **common),
+    }
+    trainers = {name: SpectralDistillationTrainer(model=student, teacher_model=teacher if name != "student" else None, args=args)
+                for name, args in configs.items()}
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    prepared_teacher = trainers["kd"].teacher
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(options.batch_size, 3, 224, 224, generator=generator).to(device)
+    labels = torch.randint(0, options.num_labels, (options.batch_size,), generator=generator).to(device)
+    batch = {"pixel_values": pixel_values, "labels": labels}
+
+    def train_step(trainer):
+        with autocast():
+            loss = trainer.compute_loss(student, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def teacher_forward(mode=torch.no_grad):
+        with mode():
+            prepared_teacher(pixel_values=pixel_values)
+
+    with torch.no_grad():  # feature maps for the loss-only timings
+        s_out = student(pixel_values=pixel_values, **feature_forward_kwargs(student, STUDENT_LAYERS))
+        t_out = prepared_teacher(pixel_values=pixel_values, **feature_forward_kwargs(prepared_teacher, TEACHER_LAYERS))
+    student_maps = [m.detach().requires_grad_(True) for m in extract_features(student, s_out, STUDENT_LAYERS)]
+    teacher_maps = extract_features(prepared_teacher, t_out, TEACHER_LAYERS)
+
+    def loss_only(fn):
+        loss = fn(student_maps, teacher_maps)
+        loss.backward()
+
+    modes = {
+        "student": lambda: train_step(trainers["student"]),
+        "kd": lambda: train_step(trainers["kd"]),
+        "kd_fft": lambda: train_step(trainers["kd_fft"]),
+        "teacher": teacher_forward,
+        "teacher_inference_mode": lambda: teacher_forward(torch.inference_mode),
+        "fft_loss_parseval": lambda: loss_only(spectral_alignment_loss),
+        "fft_loss_rfft2": lambda: loss_only(lambda s, t: spectral_alignment_loss(s, t, method="fft")),
+        "fft_loss_naive": lambda: loss_only(naive_fft_loss),
+    }
+    timings = {name: [] for name in modes}
+    for iteration in range(options.warmup + options.steps):
+        for name, run in modes.items():
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            if iteration >= options.warmup:
+                timings[name].append(time.perf_counter() - started)
+
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    result = {
+        "device": str(device), "dtype": options.dtype, "batch_size": options.batch_size, "steps": options.steps,
+        "threads": torch.get_num_threads(), "compile_teacher": options.compile_teacher,
+        "ms": {name: round(1000 * value, 2) for name, value in median.items()},
+        "images_per_s": {name: round(options.batch_size / median[name], 1) for name in ("student", "kd", "kd_fft", "teacher")},
+        "fft_overhead": round(median["kd_fft"] / median["kd"] - 1, 4),
+        "teacher_share": round(median["teacher"] / median["kd_fft"], 4),
+        "step_vs_parts": round(median["kd_fft"] / (median["teacher"] + median["student"]), 4),
+        "loss_speedup_vs_naive": round(median["fft_loss_naive"] / median["fft_loss_parseval"], 2),
+        "inference_mode_vs_no_grad": round(median["teacher_inference_mode"] / median["teacher"], 4),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(f"{'mode':<24}{'ms/step':>10}{'images/s':>10}")
+    for name in modes:
+        per_second = f"{options.batch_size / median[name]:.1f}" if name in result["images_per_s"] else ""
+        print(f"{name:<24}{1000 * median[name]:>10.2f}{per_second:>10}")
+    print(f"FFT overhead (kd_fft/kd - 1): {100 * result['fft_overhead']:+.2f} %   teacher share of a step: "
+          f"{100 * result['teacher_share']:.1f} %   step / (teacher + student): {result['step_vs_parts']:.3f}")
+    print(f"feature loss fwd+bwd: closed form {result['ms']['fft_loss_parseval']} ms, rfft2 {result['ms']['fft_loss_rfft2']} ms, "
+          f"naive {result['ms']['fft_loss_naive']} ms ({result['loss_speedup_vs_naive']}x)")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
