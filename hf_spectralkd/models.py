@@ -192,5 +192,23 @@ def load_model(
     return LoadedModel(model, name_or_path, "pretrained", revision=_resolved_revision(model) or revision)
 
 
+def ensure_deepspeed_distributed(args) -> None:
+    """Initialise DeepSpeed's process group before models are built under a ZeRO-3 config.
+
+    While ZeRO-3 ``TrainingArguments`` exist, transformers builds every model through
+    ``deepspeed.zero.Init``, which reads the world size from DeepSpeed's communication backend; if
+    that is not initialised yet it assumes one process and rejects the batch-size arithmetic.
+    Call after the arguments are parsed and before any model is loaded (every rank must load).
+    """
+    plugin = getattr(getattr(args, "distributed_state", None), "deepspeed_plugin", None)
+    config = getattr(args, "hf_deepspeed_config", None)
+    stage = getattr(plugin, "zero_stage", None) or (config.get_value("zero_optimization.stage") if config is not None else None)
+    if stage != 3:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def count_parameters(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -103,18 +103,16 @@ class SpectralDistillationTrainer(Trainer):
 
         if teacher is not None and args.uses_teacher_logits:
             check_num_labels(model, teacher)
-        if args.uses_features:
-            model_family(model)  # clear error for unsupported students before anything heavy
+        # The layer map is validated before Trainer.__init__, which may already contact the Hub.
+        if args.teacher_layers == "auto" and args.uses_features:
+            args.student_layers, args.teacher_layers = self._select_layer_map(model, teacher, args, kwargs)
+        self.layer_map: list[LayerPair] = (
+            build_layer_map(model, teacher, args.student_layers, args.teacher_layers) if args.uses_features else []
+        )
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # never pass num_items_in_batch to the student
         if args.cpu_malloc_tuning and self.args.device.type == "cpu":
             keep_freed_memory()
-
-        if args.teacher_layers == "auto" and args.uses_features:
-            args.student_layers, args.teacher_layers = self._select_layer_map(model, teacher)
-        self.layer_map: list[LayerPair] = (
-            build_layer_map(model, teacher, args.student_layers, args.teacher_layers) if args.uses_features else []
-        )
         if self.layer_map:
             logger.info(
                 "SpectralKD: %d layer pairs, %s loss, beta=%s: student %s <-> teacher %s", len(self.layer_map),
@@ -191,16 +189,20 @@ class SpectralDistillationTrainer(Trainer):
         engine.eval()
         return engine
 
-    def _select_layer_map(self, student: nn.Module, teacher: nn.Module) -> tuple[list[int], list[int]]:
+    def _select_layer_map(
+        self, student: nn.Module, teacher: nn.Module, args: SpectralDistillationConfig, trainer_kwargs: dict
+    ) -> tuple[list[int], list[int]]:
         """Resolve ``teacher_layers='auto'``: profile the teacher on one batch and apply ``select_layers``."""
         from .analysis import select_layers, spectral_profile
 
-        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        dataset = trainer_kwargs.get("eval_dataset")
+        if dataset is None or isinstance(dataset, dict):
+            dataset = trainer_kwargs.get("train_dataset")
         if dataset is None:
             raise ValueError("teacher_layers='auto' needs a train or eval dataset to analyse the teacher")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=32, collate_fn=self.data_collator)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, collate_fn=trainer_kwargs["data_collator"])
         pixel_values = next(iter(loader))["pixel_values"]
-        profile = spectral_profile(teacher.to(self.args.device), pixel_values)
+        profile = spectral_profile(teacher.to(args.device), pixel_values)
         selection = select_layers(profile, describe_taps(student).num_layers)
         self.layer_selection = selection
         logger.info("teacher_layers='auto': %s (%s)", selection.as_arguments(), selection.rule)
@@ -272,8 +274,8 @@ class SpectralDistillationTrainer(Trainer):
         loss = ce_weight * loss_ce + kd_weight * loss_kd + args.beta * loss_feat
 
         components = torch.stack([loss_ce.detach(), loss_kd.detach(), loss_feat.detach()]).float()
-        if mode == "train" and args.stop_on_nonfinite_loss and not bool(torch.isfinite(components).all()):
-            self._raise_nonfinite(components)
+        if mode == "train" and args.stop_on_nonfinite_loss:
+            self._check_finite(components)
         sums = self._loss_sums[mode]
         self._loss_sums[mode] = components if sums is None else sums + components
         self._loss_counts[mode] += 1
@@ -282,11 +284,18 @@ class SpectralDistillationTrainer(Trainer):
             return loss, ImageClassifierOutput(logits=logits)  # only logits: hidden states are never gathered
         return loss
 
-    def _raise_nonfinite(self, components: torch.Tensor) -> None:
+    def _check_finite(self, components: torch.Tensor) -> None:
+        """Raise on a NaN/inf loss term on any process, on every process at once (no rank left waiting)."""
+        bad = (~torch.isfinite(components)).any().float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bool(bad > 0):
+            return
         names = ("loss_ce", "loss_kd", self._feature_key)
-        bad = [f"{n}={v:.4g}" for n, v in zip(names, components.tolist()) if not math.isfinite(v)]
+        bad_terms = [f"{n}={v:.4g}" for n, v in zip(names, components.tolist()) if not math.isfinite(v)]
+        where = ", ".join(bad_terms) if bad_terms else "on another process"
         raise NonFiniteLossError(
-            f"non-finite loss at step {self.state.global_step + 1}: {', '.join(bad)}. Training stopped before the "
+            f"non-finite loss at step {self.state.global_step + 1}: {where}. Training stopped before the "
             f"optimizer step; the last checkpoint in {self.args.output_dir} is intact. Lower the learning rate, "
             "check the inputs, or resume from the last checkpoint."
         )

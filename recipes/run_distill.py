@@ -46,7 +46,7 @@ from hf_spectralkd.data import (
     steps_for_epochs,
 )
 from hf_spectralkd.features import describe_taps
-from hf_spectralkd.models import ARCHITECTURE_PRESETS, LoadedModel, count_parameters, load_model
+from hf_spectralkd.models import ARCHITECTURE_PRESETS, LoadedModel, count_parameters, ensure_deepspeed_distributed, load_model
 from hf_spectralkd.validation import format_layer_map
 
 logger = logging.getLogger("run_distill")
@@ -271,6 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     resume = resolve_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
     set_seed(args.seed)
+    ensure_deepspeed_distributed(args)
     token = hub_token(args)
 
     raw = open_image_datasets(data_args, args.seed, token)

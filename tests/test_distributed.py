@@ -69,3 +69,15 @@ def test_deepspeed_zero2_two_processes_match_ddp(ddp_run, tmp_path):
             assert ds_entry[key] == pytest.approx(value, rel=1e-4, abs=1e-6)
     state = AutoModelForImageClassification.from_pretrained(tmp_path / "student").state_dict()
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="deepspeed extra not installed")
+def test_deepspeed_zero3_two_processes_shard_student_and_teacher(tmp_path):
+    ranks = run_two_processes(tmp_path, "--deepspeed", str(ROOT / "recipes" / "accelerate" / "ds_zero3.json"))
+    assert ranks[0]["teacher_type"] == "DeepSpeedEngine"
+    first, second = components(ranks[0]["log_history"]), components(ranks[1]["log_history"])
+    assert len(first) == 3 and first == second
+    assert all(entry["loss_fft"] > 0 for entry in first if "loss_fft" in entry)
+    # saved with stage3_gather_16bit_weights_on_model_save: a whole student, loadable without DeepSpeed
+    student = AutoModelForImageClassification.from_pretrained(tmp_path / "student")
+    assert student.config.num_labels == 5 and all(torch.isfinite(p).all() and p.numel() > 0 for p in student.parameters())

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import SyntheticImageDataset, tiny_cait, tiny_vit  # noqa: E402
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer  # noqa: E402
+from hf_spectralkd.models import ensure_deepspeed_distributed  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -26,6 +27,7 @@ args = SpectralDistillationConfig(
     report_to=[], use_cpu=True, disable_tqdm=True, seed=0, student_layers=[0, 2], teacher_layers=[0, 3],
     deepspeed=options.deepspeed, dataloader_num_workers=0,
 )
+ensure_deepspeed_distributed(args)  # ZeRO-3 builds models through zero.Init, which needs it
 trainer = SpectralDistillationTrainer(
     model=tiny_vit(), teacher_model=tiny_cait(), args=args,
     train_dataset=SyntheticImageDataset(48), eval_dataset=SyntheticImageDataset(16, seed=1),
