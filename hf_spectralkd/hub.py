@@ -62,6 +62,7 @@ def build_model_card(
     student_source: Optional[str] = None,
     student_kind: Optional[str] = None,
     dataset: Optional[str] = None,
+    dataset_split: Optional[str] = None,
     model_id: Optional[str] = None,
     has_profile_plot: bool = False,
 ) -> ModelCard:
@@ -77,7 +78,7 @@ def build_model_card(
     eval_results = []
     if top1 is not None:
         common = dict(task_type="image-classification", dataset_type=hub_dataset or (dataset or "custom"),
-                      dataset_name=dataset or "custom", dataset_split="validation")
+                      dataset_name=dataset or "custom", dataset_split=dataset_split or "validation")
         eval_results.append(EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=float(top1), **common))
         if top5 is not None:
             eval_results.append(EvalResult(metric_type="top_5_accuracy", metric_name="Top-5 accuracy", metric_value=float(top5), **common))
@@ -201,6 +202,7 @@ def write_model_card(trainer, output_dir: str) -> Path:
         student_source=student_info.source if student_info else None,
         student_kind=student_info.kind if student_info else None,
         dataset=getattr(trainer, "dataset_name", None),
+        dataset_split=getattr(trainer, "dataset_split", None),
         model_id=trainer.args.hub_model_id,
         has_profile_plot=(Path(output_dir) / PROFILE_PLOT).exists(),
     )

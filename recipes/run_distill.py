@@ -312,6 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer.teacher_info = teacher
     trainer.student_info = student
     trainer.dataset_name = data_args.dataset
+    trainer.dataset_split = raw.eval_split
     profile_batch = fixed_eval_batch(data, max(model_args.profile_images, 32 if model_args.spectral_dynamics_steps else 0))
     if model_args.spectral_dynamics_steps > 0 and profile_batch is not None:
         from hf_spectralkd.analysis import SpectralDynamicsCallback

@@ -95,6 +95,7 @@ def test_recipe_writes_card_with_teacher_revision_and_profile_plot(saved_models,
     metadata = card_metadata(out)
     assert metadata["teacher_model"] == saved_models["teacher"]
     assert not metadata.get("datasets")  # a local folder is no Hub dataset
+    assert metadata["model-index"][0]["results"][0]["dataset"]["split"] == "validation"
     text = (out / "README.md").read_text()
     assert "spectral_profiles.png" in text and (out / "spectral_profiles.png").exists()
     assert "Top-1 on the evaluation split:" in text and "n/a" not in text.split("Top-1 on the evaluation split:")[1].split("\n")[0]

@@ -180,6 +180,7 @@ class RawImageDatasets:
     eval: Any
     id2label: dict[int, str]
     args: DataArguments
+    eval_split: Optional[str] = None  # where the eval images come from, e.g. "validation" or "train[held-out 10%]"
 
 
 def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str] = None) -> RawImageDatasets:
@@ -204,7 +205,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     _check_columns(train_raw, args)
     id2label = _label_names(train_raw, args)
 
-    eval_raw = None
+    eval_raw, eval_split = None, args.eval_split
     if args.eval_split:
         try:
             eval_raw = _load_raw(args, args.eval_split, False, token)
@@ -215,6 +216,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     if eval_raw is None and not args.streaming and args.validation_fraction > 0:
         parts = train_raw.train_test_split(test_size=args.validation_fraction, seed=seed)
         train_raw, eval_raw = parts["train"], parts["test"]
+        eval_split = f"{args.train_split}[held-out {args.validation_fraction:.0%}]"
         logger.info("no '%s' split: held out %d training images for evaluation", args.eval_split, len(eval_raw))
 
     if args.max_train_samples is not None:
@@ -224,7 +226,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
             train_raw = train_raw.select(range(min(args.max_train_samples, len(train_raw))))
     if eval_raw is not None and args.max_eval_samples is not None:
         eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
-    return RawImageDatasets(train_raw, eval_raw, id2label, args)
+    return RawImageDatasets(train_raw, eval_raw, id2label, args, eval_split if eval_raw is not None else None)
 
 
 def prepare_image_datasets(
