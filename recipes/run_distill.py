@@ -50,6 +50,7 @@ from hf_spectralkd.models import ARCHITECTURE_PRESETS, LoadedModel, count_parame
 from hf_spectralkd.validation import format_layer_map
 
 logger = logging.getLogger("run_distill")
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on their signal
 
 
 @dataclass
@@ -325,6 +326,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_results(os.path.join(args.output_dir, "run_config.json"), resolved)
 
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.state.max_steps and trainer.state.global_step < trainer.state.max_steps:
+        # Stopped early by SIGTERM (preemption): the JIT checkpoint holds everything; no final student.
+        print(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} on SIGTERM; checkpoint saved "
+              f"in {args.output_dir}; resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     trainer.save_model()
     student_metrics = trainer.evaluate() if data.eval is not None else {}
     teacher_metrics = evaluate_model(teacher.model, data, args, processor) if (

@@ -160,6 +160,26 @@ def test_sigkill_then_resume_matches_uninterrupted_run(streaming, saved_models, 
         assert b[key] == pytest.approx(a[key], rel=1e-5)
 
 
+def test_sigterm_saves_a_checkpoint_and_stops_without_a_final_student(saved_models, imagefolder, tmp_path):
+    out = tmp_path / "out"
+    argv = tiny_run_args(saved_models, imagefolder, out, "--max_steps", "400", "--save_steps", "50", "--eval_strategy", "no",
+                         "--profile_images", "0")
+    process = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "run_distill.py"), *argv], env=RECIPE_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-50").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "on SIGTERM; checkpoint saved" in err and "Traceback" not in err
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert 50 < steps[-1] < 400  # the preemption checkpoint (or a regular one just before it)
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+    assert run_distill.main([*argv, "--resume_from_checkpoint", "true", "--max_steps", "400"]) == 0
+
+
 def test_crash_during_a_save_never_leaves_a_complete_looking_checkpoint(tmp_path, monkeypatch):
     args = SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
                                       report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0], teacher_layers=[0])
