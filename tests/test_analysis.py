@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_vit
 
 from hf_spectralkd.analysis import (
     SpectralProfile,

@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 import run_distill
-from helpers import SyntheticImageDataset, class_image, tiny_cait, tiny_vit
+from helpers import SyntheticImageDataset, tiny_cait, tiny_vit
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline

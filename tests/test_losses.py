@@ -53,7 +53,7 @@ def torch_naive_spectral_loss(student_maps, teacher_maps) -> torch.Tensor:
     for s, t in zip(student_maps, teacher_maps):
         width = min(s.shape[1], t.shape[1])
 
-        def pool(x):
+        def pool(x, width=width):
             big = x.shape[1]
             return torch.stack(
                 [x[:, (i * big) // width : -((-(i + 1) * big) // width)].mean(1) for i in range(width)], dim=1
