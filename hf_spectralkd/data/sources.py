@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 class TransformedImageDataset(torch.utils.data.Dataset):
     """Map-style view of a ``datasets.Dataset`` yielding ``{"pixel_values", "labels", "seed"}``.
 
-    ``set_epoch`` (called by accelerate's data loader each epoch) changes the augmentation of every
-    sample; the epoch lives in shared memory so persistent workers see it too.
+    ``set_epoch`` (called each epoch by the trainer, resumed epochs included) changes the
+    augmentation of every sample; the epoch lives in shared memory so persistent workers see it too.
     """
 
     def __init__(self, dataset, transform: Callable, image_column: str, label_column: str, seed: int = 0):
