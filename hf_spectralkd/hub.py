@@ -16,6 +16,7 @@ from typing import Any, Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .features import unwrap_model
+from .models import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def build_model_card(
 ) -> ModelCard:
     """A ``ModelCard`` describing a SpectralKD-distilled student (see module docstring)."""
     model = unwrap_model(model)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = count_parameters(model)
     latest = _latest_eval(log_history)
     top1, top5 = latest.get("eval_top1"), latest.get("eval_top5")
     distilled = teacher_source is not None
@@ -197,7 +198,7 @@ def write_model_card(trainer, output_dir: str) -> Path:
         log_history=trainer.state.log_history,
         teacher_source=teacher_source,
         teacher_revision=teacher_info.revision if teacher_info else None,
-        teacher_parameters=sum(p.numel() for p in unwrap_model(teacher).parameters()) if teacher is not None else None,
+        teacher_parameters=count_parameters(unwrap_model(teacher)) if teacher is not None else None,
         teacher_accuracy=getattr(trainer, "teacher_accuracy", None),
         student_source=student_info.source if student_info else None,
         student_kind=student_info.kind if student_info else None,

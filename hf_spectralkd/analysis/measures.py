@@ -80,6 +80,11 @@ def entropy_profile(
 # --------------------------------------------------------------------------------------------------
 # Activation and gradient magnitude
 # --------------------------------------------------------------------------------------------------
+def mean_magnitude(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``N×L`` mean absolute value per image of each of ``L`` maps (``N×…`` tensors)."""
+    return torch.stack([m.detach().abs().flatten(1).mean(1) for m in maps], dim=1)
+
+
 def activation_gradient_magnitude(
     model: nn.Module, pixel_values: torch.Tensor, layers: Optional[Sequence[int]] = None, targets: Optional[torch.Tensor] = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +113,8 @@ def activation_gradient_magnitude(
         # depend on; differentiate with respect to those outputs and read the gradient through the view.
         bases = [m._base if m._base is not None else m for m in maps]
         grads = torch.autograd.grad(chosen, bases, allow_unused=True)
-    activation = torch.stack([m.detach().abs().flatten(1).mean(1) for m in maps], dim=1)
-    gradient = torch.stack([_gradient_of_view(m, b, g).abs().flatten(1).mean(1) for m, b, g in zip(maps, bases, grads)], dim=1)
+    activation = mean_magnitude(maps)
+    gradient = mean_magnitude([_gradient_of_view(m, b, g) for m, b, g in zip(maps, bases, grads)])
     return activation.cpu().numpy(), gradient.cpu().numpy()
 
 

@@ -21,7 +21,7 @@ from ..analysis import (
     svd_rank_summary,
 )
 from ..analysis import plots
-from ..analysis.measures import SVD_THRESHOLDS, feature_tokens, svd_energy_ranks
+from ..analysis.measures import SVD_THRESHOLDS, feature_tokens, mean_magnitude, svd_energy_ranks
 from ..analysis.spectrum import collect_feature_maps
 from ..models import load_model
 from .images import load_images, preprocess
@@ -80,7 +80,7 @@ def run(options) -> int:
             act, grad = activation_gradient_magnitude(model, batch)
             gradient.append(grad)
         else:
-            act = np.stack([m.abs().flatten(1).mean(1).cpu().numpy() for m in collect_feature_maps(model, batch, profile.layers)], axis=1)
+            act = mean_magnitude(collect_feature_maps(model, batch, profile.layers)).cpu().numpy()
         activation.append(act)
     activation_matrix = np.concatenate(activation)
     last = profile.layers[-1]
