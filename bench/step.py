@@ -3,8 +3,9 @@
 
 Student: DeiT-Tiny (ViT-Ti/16, 5.7 M parameters) built from its config; teacher: CaiT-S24 (47 M)
 through transformers' timm wrapper; random weights, random images. Each measured iteration runs
-every mode once, in turn, so slow drifts of a shared machine hit all modes alike; the median over
-iterations is reported.
+every mode once, in a shuffled order, so slow drifts of a shared machine hit all modes alike; the
+median over iterations is reported, and the ratios are also taken per iteration (paired) with
+their median and interquartile range. The training modes run the Trainer's own ``training_step``.
 
     student        student forward + backward + AdamW step, no teacher (CE only)
     kd             + teacher forward (no_grad) and soft KD
@@ -14,7 +15,7 @@ iterations is reported.
 Ratios: fft_overhead = kd_fft / kd - 1; teacher_share = teacher / kd_fft;
 step_vs_parts = kd_fft / (teacher + student) (1.0 means no overhead beyond the two models).
 Also timed: the feature loss alone (closed-form default, rfft2 of the difference, and the naive
-two-transform reference) and the teacher under no_grad vs inference_mode.
+two-transform reference) and, with --compare-inference-mode, the teacher under no_grad vs inference_mode.
 
     python bench/step.py --batch-size 8 --steps 10
     python bench/step.py --device cuda --dtype bf16 --batch-size 256 --steps 30 [--compile-teacher]
@@ -24,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,14 +75,48 @@ def naive_fft_loss(student_maps, teacher_maps) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def paired_summary(timings: dict[str, list[float]], resamples: int = 2000) -> dict[str, dict[str, Any]]:
+    """Target ratios taken per iteration (paired: a slow stretch of the machine hits both sides).
+
+    For each ratio: the median over iterations, its 95 % bootstrap confidence interval (seeded) and
+    the interquartile range of single iterations.
+    """
+    ratios = {
+        "fft_overhead": [f / k - 1 for f, k in zip(timings["kd_fft"], timings["kd"])],
+        "step_vs_parts": [f / (t + s) for f, t, s in zip(timings["kd_fft"], timings["teacher"], timings["student"])],
+    }
+    rng = random.Random(0)
+    summary = {}
+    for name, values in ratios.items():
+        medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+        quartiles = statistics.quantiles(values, n=4)
+        summary[name] = {
+            "iterations": len(values),
+            "median": round(statistics.median(values), 4),
+            "median_ci95": [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples) - 1], 4)],
+            "iqr": [round(quartiles[0], 4), round(quartiles[2], 4)],
+        }
+    return summary
+
+
+def print_paired(summary: dict[str, dict[str, Any]]) -> None:
+    for name, s in summary.items():
+        low, high = s["median_ci95"]
+        print(f"paired, {name} over {s['iterations']} iterations: median {s['median']:.4f} "
+              f"(95 % CI of the median [{low:.4f}, {high:.4f}]; single iterations IQR [{s['iqr'][0]:.4f}, {s['iqr'][1]:.4f}])")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8, help="Images per step. Default: 8.")
-    parser.add_argument("--steps", type=int, default=10, help="Measured iterations (each runs all modes). Default: 10.")
+    parser.add_argument("--steps", type=int, default=30, help="Measured iterations (each runs all modes). Default: 30.")
     parser.add_argument("--warmup", type=int, default=2, help="Unmeasured iterations first. Default: 2.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Autocast precision of the forward passes.")
     parser.add_argument("--compile-teacher", action="store_true", help="torch.compile the teacher (as --teacher_compile).")
+    parser.add_argument("--compare-inference-mode", action="store_true",
+                        help="Also time the teacher forward under torch.inference_mode (vs the trainer's no_grad).")
+    parser.add_argument("--raw", action="store_true", help="Also print every measured time (ms) per mode.")
     parser.add_argument("--num-labels", type=int, default=1000, help="Classes. Default: 1000.")
     options = parser.parse_args(argv)
     device = torch.device(options.device)
@@ -104,10 +142,12 @@ def main(argv=None) -> int:
     labels = torch.randint(0, options.num_labels, (options.batch_size,), generator=generator).to(device)
     batch = {"pixel_values": pixel_values, "labels": labels}
 
+    for trainer in trainers.values():
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by training_step
+
     def train_step(trainer):
         with autocast():
-            loss = trainer.compute_loss(student, batch)
-        loss.backward()
+            trainer.training_step(student, batch)  # the Trainer's own step: compute_loss + backward
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -130,22 +170,31 @@ def main(argv=None) -> int:
         "kd": lambda: train_step(trainers["kd"]),
         "kd_fft": lambda: train_step(trainers["kd_fft"]),
         "teacher": teacher_forward,
-        "teacher_inference_mode": lambda: teacher_forward(torch.inference_mode),
         "fft_loss_parseval": lambda: loss_only(spectral_alignment_loss),
         "fft_loss_rfft2": lambda: loss_only(lambda s, t: spectral_alignment_loss(s, t, method="fft")),
         "fft_loss_naive": lambda: loss_only(naive_fft_loss),
     }
+    if options.compare_inference_mode:
+        modes["teacher_inference_mode"] = lambda: teacher_forward(torch.inference_mode)
     timings = {name: [] for name in modes}
+    order_rng = random.Random(0)
     for iteration in range(options.warmup + options.steps):
-        for name, run in modes.items():
+        # A fresh order each iteration: no mode always runs after the same one (warm caches, or a
+        # freshly trimmed heap) and slow drifts of a shared machine hit every mode alike.
+        for name in order_rng.sample(list(modes), len(modes)):
+            run = modes[name]
+            gc.collect()  # a collection inside one mode's window would be charged to that mode alone
+            gc.disable()
             synchronize(device)
             started = time.perf_counter()
             run()
             synchronize(device)
+            gc.enable()
             if iteration >= options.warmup:
                 timings[name].append(time.perf_counter() - started)
 
     median = {name: statistics.median(values) for name, values in timings.items()}
+    summary = paired_summary(timings)
     result = {
         "device": str(device), "dtype": options.dtype, "batch_size": options.batch_size, "steps": options.steps,
         "threads": torch.get_num_threads(), "compile_teacher": options.compile_teacher,
@@ -154,9 +203,11 @@ def main(argv=None) -> int:
         "fft_overhead": round(median["kd_fft"] / median["kd"] - 1, 4),
         "teacher_share": round(median["teacher"] / median["kd_fft"], 4),
         "step_vs_parts": round(median["kd_fft"] / (median["teacher"] + median["student"]), 4),
+        "paired": summary,
         "loss_speedup_vs_naive": round(median["fft_loss_naive"] / median["fft_loss_parseval"], 2),
-        "inference_mode_vs_no_grad": round(median["teacher_inference_mode"] / median["teacher"], 4),
     }
+    if options.compare_inference_mode:
+        result["inference_mode_vs_no_grad"] = round(median["teacher_inference_mode"] / median["teacher"], 4)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(f"{'mode':<24}{'ms/step':>10}{'images/s':>10}")
@@ -165,8 +216,11 @@ def main(argv=None) -> int:
         print(f"{name:<24}{1000 * median[name]:>10.2f}{per_second:>10}")
     print(f"FFT overhead (kd_fft/kd - 1): {100 * result['fft_overhead']:+.2f} %   teacher share of a step: "
           f"{100 * result['teacher_share']:.1f} %   step / (teacher + student): {result['step_vs_parts']:.3f}")
+    print_paired(summary)
     print(f"feature loss fwd+bwd: closed form {result['ms']['fft_loss_parseval']} ms, rfft2 {result['ms']['fft_loss_rfft2']} ms, "
           f"naive {result['ms']['fft_loss_naive']} ms ({result['loss_speedup_vs_naive']}x)")
+    if options.raw:
+        print(json.dumps({"raw_ms": {name: [round(1000 * v, 2) for v in values] for name, values in timings.items()}}))
     print(json.dumps(result))
     return 0
 

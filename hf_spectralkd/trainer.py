@@ -242,23 +242,28 @@ class SpectralDistillationTrainer(Trainer):
 
         student_layers = [p.student for p in self.layer_map] if use_features else []
         teacher_layers = [p.teacher for p in self.layer_map] if use_features else []
-        teacher_outputs = None
+        teacher_logits, teacher_maps = None, []
         if use_teacher:
             # Teacher first: its large temporaries are freed before the student's activations are
-            # allocated and kept for backward, which measured faster on CPU (bench/README.md).
+            # allocated and kept for backward, which measured faster on CPU (bench/README.md). Only
+            # its logits and the requested maps outlive this block: the other block outputs an HF
+            # model returns with output_hidden_states are dropped before the student runs.
             with torch.no_grad():
                 teacher_outputs = self.teacher(
                     pixel_values=pixel_values, **feature_forward_kwargs(self.teacher, teacher_layers)
                 )
+                teacher_logits = teacher_outputs.logits
+                if use_features:
+                    teacher_maps = extract_features(self.teacher, teacher_outputs, teacher_layers)
+                del teacher_outputs
         outputs = model(pixel_values=pixel_values, **feature_forward_kwargs(model, student_layers))
         logits = outputs.logits
         loss_ce = classification_loss(logits, labels, args.label_smoothing)
         zero = loss_ce.new_zeros(())
         loss_kd, loss_feat = zero, zero
 
-        if teacher_outputs is not None:
+        if teacher_logits is not None:
             if args.uses_teacher_logits:
-                teacher_logits = teacher_outputs.logits
                 loss_kd = (
                     soft_kd_loss(logits, teacher_logits, args.temperature)
                     if args.distillation_type == "soft"
@@ -266,7 +271,6 @@ class SpectralDistillationTrainer(Trainer):
                 )
             if use_features:
                 student_maps = extract_features(model, outputs, student_layers)
-                teacher_maps = extract_features(self.teacher, teacher_outputs, teacher_layers)
                 loss_feat = feature_alignment_loss(student_maps, teacher_maps, args.feature_loss)
 
         ce_weight = (1.0 - args.alpha) if args.uses_teacher_logits else 1.0

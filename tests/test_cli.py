@@ -63,6 +63,43 @@ def test_analyze_writes_profile_and_plots(model_dirs, image_folder, tmp_path, ca
     assert "analysed 8 images" in capsys.readouterr().out
 
 
+def test_analyze_shares_forward_passes_and_matches_the_library_functions(model_dirs, image_folder, tmp_path, monkeypatch):
+    """One forward per batch for every measure but the entropy, whose histogram pass needs the global
+    range first (2 forwards per batch instead of 5), and the same figures as the separate functions."""
+    from hf_spectralkd.analysis import activation_gradient_magnitude, entropy_profile, spectral_profile
+    from hf_spectralkd.analysis.measures import last_layer_tokens, spectral_energy_pattern, svd_energy_ranks, svd_rank_summary
+    from hf_spectralkd.cli import analyze as analyze_cli
+
+    seen_batches, models = [], []
+    real_load = analyze_cli.load_model
+
+    def load_and_watch(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        models.append(loaded.model)
+        loaded.model.register_forward_pre_hook(lambda module, a, kw: seen_batches.append(kw["pixel_values"]), with_kwargs=True)
+        return loaded
+
+    monkeypatch.setattr(analyze_cli, "load_model", load_and_watch)
+    out = tmp_path / "shared"
+    assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "8",
+                 "--batch-size", "3", "--output-dir", str(out), "--with-gradients"]) == 0
+    assert len(seen_batches) == 2 * 3  # 3 batches: forward+backward pass, entropy pass
+    report = json.loads((out / "profile.json").read_text())
+
+    model, batches = models[0], [b.clone() for b in seen_batches[:3]]
+    model._forward_pre_hooks.clear()
+    profile = spectral_profile(model, batches)
+    np.testing.assert_allclose(report["intensity"], profile.intensity, rtol=1e-6)
+    np.testing.assert_allclose(report["spectrum"], profile.spectrum, rtol=1e-6)
+    np.testing.assert_allclose(report["entropy_bits"], entropy_profile(model, batches), rtol=1e-9)
+    activation, gradient = zip(*(activation_gradient_magnitude(model, b) for b in batches))
+    np.testing.assert_allclose(report["activation_magnitude_per_image"], np.concatenate(activation), rtol=1e-6)
+    np.testing.assert_allclose(report["gradient_magnitude_per_image"], np.concatenate(gradient), rtol=1e-6)
+    tokens = last_layer_tokens(model, batches, profile.layers[-1])
+    assert report["svd_energy_rank_p99"] == svd_rank_summary(svd_energy_ranks(tokens))
+    assert report["spectral_energy_pattern"] == spectral_energy_pattern(tokens)
+
+
 def test_analyze_compare_overlays_two_models(model_dirs, image_folder, tmp_path, capsys):
     teacher_out, student_out = tmp_path / "t", tmp_path / "s"
     assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "6",

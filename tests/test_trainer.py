@@ -91,6 +91,29 @@ def test_gradient_accumulation_2x1_equals_1x2(tmp_path):
     assert loss_acc == pytest.approx(loss_big, rel=1e-4)
 
 
+def test_unrequested_teacher_block_outputs_are_freed_before_the_student_runs(tmp_path):
+    """An HF teacher returns every block output with output_hidden_states; only the tapped ones
+    may stay alive (as the loss's targets) while the student's activations are being allocated."""
+    import weakref
+
+    teacher, student = tiny_vit(layers=4, seed=1), tiny_vit(layers=3)
+    block_outputs = {}
+    for index, block in enumerate(teacher.vit.layers):
+        def remember(module, inputs, output, index=index):
+            block_outputs[index] = weakref.ref(output[0] if isinstance(output, tuple) else output)
+        block.register_forward_hook(remember)
+    alive_when_student_starts = []
+    student.register_forward_pre_hook(
+        lambda module, args: alive_when_student_starts.append(sorted(i for i, ref in block_outputs.items() if ref() is not None))
+    )
+    trainer = SpectralDistillationTrainer(
+        model=student, teacher_model=teacher, args=make_config(tmp_path, student_layers=[0, 2], teacher_layers=[1, 3]),
+    )
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 1])}
+    trainer.compute_loss(trainer.model.train(), batch).backward()
+    assert alive_when_student_starts == [[1, 3]]
+
+
 def test_saved_student_reloads_with_identical_logits(tmp_path, pixel_values):
     trainer = SpectralDistillationTrainer(
         model=tiny_vit(), teacher_model=tiny_cait(), args=make_config(tmp_path, max_steps=2), train_dataset=SyntheticImageDataset(16)

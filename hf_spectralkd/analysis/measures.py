@@ -55,26 +55,45 @@ def token_entropy(features: torch.Tensor, low: float, high: float, bins: int = 1
 
 
 def entropy_profile(
-    model: nn.Module, pixel_values: Batches, layers: Optional[Sequence[int]] = None, batch_size: int = 32, bins: int = 100
+    model: nn.Module,
+    pixel_values: Batches,
+    layers: Optional[Sequence[int]] = None,
+    batch_size: int = 32,
+    bins: int = 100,
+    value_range: Optional[tuple[float, float]] = None,
 ) -> list[float]:
     """Mean token entropy (bits) per layer, with the reference's single global range.
 
     Two passes over the images: the first finds ``min``/``max`` over every layer, the second
     histograms each token in ``bins`` bins of that range. ``pixel_values`` must be a tensor or a
-    re-iterable (e.g. a list of batches) since it is read twice.
+    re-iterable (e.g. a list of batches) since it is read twice. A caller that already knows the
+    range (``value_range=(low, high)``, e.g. from :func:`feature_value_range` during another pass)
+    skips the first pass.
     """
     layers = resolve_layers(model, layers)
-    low, high = math.inf, -math.inf
-    for batch in iterate_pixel_batches(pixel_values, batch_size):
-        for features in collect_feature_maps(model.eval(), batch, layers):
-            low, high = min(low, float(features.min())), max(high, float(features.max()))
+    if value_range is None:
+        low, high = math.inf, -math.inf
+        for batch in iterate_pixel_batches(pixel_values, batch_size):
+            low, high = feature_value_range(collect_feature_maps(model.eval(), batch, layers), (low, high))
+    else:
+        low, high = value_range
     sums, counts = [0.0] * len(layers), [0] * len(layers)
     for batch in iterate_pixel_batches(pixel_values, batch_size):
-        for i, features in enumerate(collect_feature_maps(model, batch, layers)):
+        for i, features in enumerate(collect_feature_maps(model.eval(), batch, layers)):
             entropy = token_entropy(features, low, high, bins)
             sums[i] += float(entropy.sum())
             counts[i] += entropy.numel()
     return [s / n for s, n in zip(sums, counts)]
+
+
+def feature_value_range(
+    maps: Sequence[torch.Tensor], running: tuple[float, float] = (math.inf, -math.inf)
+) -> tuple[float, float]:
+    """``(min, max)`` over every value of ``maps``, folded into a ``running`` range."""
+    low, high = running
+    for features in maps:
+        low, high = min(low, float(features.min())), max(high, float(features.max()))
+    return low, high
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +117,15 @@ def activation_gradient_magnitude(
     Returns:
         ``(activation, gradient)``, each ``N×L`` (not averaged over images, as in the reference).
     """
-    layers = resolve_layers(model, layers)
+    maps, grads = feature_maps_and_gradients(model, pixel_values, resolve_layers(model, layers), targets)
+    return mean_magnitude(maps).cpu().numpy(), mean_magnitude(grads).cpu().numpy()
+
+
+def feature_maps_and_gradients(
+    model: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int], targets: Optional[torch.Tensor] = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One eval-mode float32 forward + backward: the ``B×C×H×W`` maps of ``layers`` (detached) and
+    ``∂z_target/∂map`` of the same shapes (see :func:`activation_gradient_magnitude`)."""
     model.eval()
     device = next(unwrap_model(model).parameters()).device
     pixel_values = pixel_values.to(device, torch.float32)
@@ -113,9 +140,7 @@ def activation_gradient_magnitude(
         # depend on; differentiate with respect to those outputs and read the gradient through the view.
         bases = [m._base if m._base is not None else m for m in maps]
         grads = torch.autograd.grad(chosen, bases, allow_unused=True)
-    activation = mean_magnitude(maps)
-    gradient = mean_magnitude([_gradient_of_view(m, b, g) for m, b, g in zip(maps, bases, grads)])
-    return activation.cpu().numpy(), gradient.cpu().numpy()
+    return [m.detach() for m in maps], [_gradient_of_view(m, b, g) for m, b, g in zip(maps, bases, grads)]
 
 
 def _gradient_of_view(view: torch.Tensor, base: torch.Tensor, base_grad: Optional[torch.Tensor]) -> torch.Tensor:

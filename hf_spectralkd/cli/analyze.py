@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
 from ..analysis import (
     SpectralProfile,
-    activation_gradient_magnitude,
     compare_profiles,
     entropy_profile,
     spectral_energy_pattern,
-    spectral_profile,
     svd_energy_curves,
     svd_rank_summary,
 )
 from ..analysis import plots
-from ..analysis.measures import SVD_THRESHOLDS, feature_tokens, mean_magnitude, svd_energy_ranks
-from ..analysis.spectrum import collect_feature_maps
+from ..analysis.measures import (
+    SVD_THRESHOLDS,
+    feature_maps_and_gradients,
+    feature_tokens,
+    feature_value_range,
+    mean_magnitude,
+    svd_energy_ranks,
+)
+from ..analysis.spectrum import ProfileAccumulator, collect_feature_maps, resolve_layers
+from ..features import describe_taps
 from ..models import load_model
 from .images import load_images, preprocess
 
@@ -58,6 +67,32 @@ def _batches(pixel_values: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(pixel_values.split(batch_size))
 
 
+def _one_pass_measures(model, batches: list[torch.Tensor], options):
+    """Everything but the entropy from one forward per batch (plus one backward with gradients).
+
+    Returns ``(profile, activation N×L, gradient N×L or None, last-layer tokens N×T×C, (min, max) of
+    all maps)``; the range lets the entropy pass skip its own first pass.
+    """
+    layers = resolve_layers(model, None)
+    accumulator = ProfileAccumulator(layers, divide_by_channels=not options.no_divide_by_channels)
+    value_range = (math.inf, -math.inf)
+    activation, gradient, tokens = [], [], []
+    model.eval()
+    for batch in tqdm(batches, desc="spectral profile", unit="batch"):
+        if options.with_gradients:
+            maps, grads = feature_maps_and_gradients(model, batch, layers)
+            gradient.append(mean_magnitude(grads).cpu().numpy())
+        else:
+            maps = collect_feature_maps(model, batch, layers)
+        accumulator.add(maps)
+        activation.append(mean_magnitude(maps).cpu().numpy())
+        tokens.append(feature_tokens(maps[-1]).cpu())
+        value_range = feature_value_range(maps, value_range)
+    profile = accumulator.result(model_name=options.model, family=describe_taps(model).family)
+    gradient_matrix = np.concatenate(gradient) if gradient else None
+    return profile, np.concatenate(activation), gradient_matrix, torch.cat(tokens), value_range
+
+
 def run(options) -> int:
     if options.batch_size <= 0:
         raise ValueError(f"batch-size: must be positive, got {options.batch_size}")
@@ -71,20 +106,8 @@ def run(options) -> int:
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    profile = spectral_profile(model, batches, divide_by_channels=not options.no_divide_by_channels, progress=True,
-                               model_name=options.model)
-    entropy = entropy_profile(model, batches)
-    activation, gradient = [], []
-    for batch in batches:
-        if options.with_gradients:
-            act, grad = activation_gradient_magnitude(model, batch)
-            gradient.append(grad)
-        else:
-            act = mean_magnitude(collect_feature_maps(model, batch, profile.layers)).cpu().numpy()
-        activation.append(act)
-    activation_matrix = np.concatenate(activation)
-    last = profile.layers[-1]
-    tokens = torch.cat([feature_tokens(collect_feature_maps(model, b, [last])[0]).cpu() for b in batches])
+    profile, activation_matrix, gradient_matrix, tokens, value_range = _one_pass_measures(model, batches, options)
+    entropy = entropy_profile(model, batches, profile.layers, value_range=value_range)
     per_image_ranks = svd_energy_ranks(tokens)
 
     report: dict[str, Any] = {
@@ -103,8 +126,7 @@ def run(options) -> int:
         "svd_energy_rank_note": "99th percentile over images of the per-image rank (uncentred SVD of the last layer's tokens)",
         "spectral_energy_pattern": spectral_energy_pattern(tokens),
     }
-    if gradient:
-        gradient_matrix = np.concatenate(gradient)
+    if gradient_matrix is not None:
         report["gradient_magnitude"] = gradient_matrix.mean(axis=0).tolist()
         report["gradient_magnitude_per_image"] = gradient_matrix.tolist()
 
