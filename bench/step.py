@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer  # noqa: E402
-from hf_spectralkd.features import extract_features, feature_forward_kwargs  # noqa: E402
+from hf_spectralkd.features import forward_with_features  # noqa: E402
 from hf_spectralkd.losses import spectral_alignment_loss  # noqa: E402
 from hf_spectralkd.models import ARCHITECTURE_PRESETS  # noqa: E402
 
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--raw", action="store_true", help="Also print every measured time (ms) per mode.")
     parser.add_argument("--num-labels", type=int, default=1000, help="Classes. Default: 1000.")
     options = parser.parse_args(argv)
+    if options.steps < 2:
+        parser.error(f"--steps: at least 2 measured iterations are needed for the paired ratios, got {options.steps}")
     device = torch.device(options.device)
     dtype = DTYPES[options.dtype]
 
@@ -156,10 +158,9 @@ def main(argv=None) -> int:
             prepared_teacher(pixel_values=pixel_values)
 
     with torch.no_grad():  # feature maps for the loss-only timings
-        s_out = student(pixel_values=pixel_values, **feature_forward_kwargs(student, STUDENT_LAYERS))
-        t_out = prepared_teacher(pixel_values=pixel_values, **feature_forward_kwargs(prepared_teacher, TEACHER_LAYERS))
-    student_maps = [m.detach().requires_grad_(True) for m in extract_features(student, s_out, STUDENT_LAYERS)]
-    teacher_maps = extract_features(prepared_teacher, t_out, TEACHER_LAYERS)
+        _, student_maps = forward_with_features(student, pixel_values, STUDENT_LAYERS)
+        _, teacher_maps = forward_with_features(prepared_teacher, pixel_values, TEACHER_LAYERS)
+    student_maps = [m.detach().requires_grad_(True) for m in student_maps]
 
     def loss_only(fn):
         loss = fn(student_maps, teacher_maps)

@@ -42,9 +42,10 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     out = Path(options.output_dir)
 
+    folders = {"SpectralKD": out / "spectralkd", "no KD": out / "no_kd"}
     runs = {
-        "SpectralKD": train_student(options.config, out / "spectralkd"),
-        "no KD": train_student(options.config, out / "no_kd", "--distillation_type", "none", "--beta", "0"),
+        "SpectralKD": train_student(options.config, folders["SpectralKD"]),
+        "no KD": train_student(options.config, folders["no KD"], "--distillation_type", "none", "--beta", "0"),
     }
     model_args, data_args, args = run_distill.parse_arguments([options.config])
     teacher = AutoModelForImageClassification.from_pretrained(model_args.teacher).eval()
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     print(f"\nteacher ℓ per layer: {[round(v, 4) for v in teacher_profile.intensity]}")
     print(f"{'student':<12} {'pearson':>8} {'distance':>9} {'top-1':>7}   ℓ per layer")
     for name, results in runs.items():
-        folder = out / ("spectralkd" if name == "SpectralKD" else "no_kd")
+        folder = folders[name]
         student = AutoModelForImageClassification.from_pretrained(folder).eval()
         profile = spectral_profile(student, pixel_values, model_name=name)
         comparison = compare_profiles(profile, teacher_profile)

@@ -71,15 +71,16 @@ def entropy_profile(
     skips the first pass.
     """
     layers = resolve_layers(model, layers)
+    model.eval()
     if value_range is None:
         low, high = math.inf, -math.inf
         for batch in iterate_pixel_batches(pixel_values, batch_size):
-            low, high = feature_value_range(collect_feature_maps(model.eval(), batch, layers), (low, high))
+            low, high = feature_value_range(collect_feature_maps(model, batch, layers), (low, high))
     else:
         low, high = value_range
     sums, counts = [0.0] * len(layers), [0] * len(layers)
     for batch in iterate_pixel_batches(pixel_values, batch_size):
-        for i, features in enumerate(collect_feature_maps(model.eval(), batch, layers)):
+        for i, features in enumerate(collect_feature_maps(model, batch, layers)):
             entropy = token_entropy(features, low, high, bins)
             sums[i] += float(entropy.sum())
             counts[i] += entropy.numel()
@@ -176,7 +177,11 @@ def svd_energy_ranks(tokens: torch.Tensor, thresholds: Sequence[float] = SVD_THR
     Returns:
         ``N×len(thresholds)`` int array: ``1 + first index k with Σ_{i≤k} σ_i² / Σ σ_i² ≥ t``.
     """
-    cumulative = svd_energy_curves(tokens)
+    return energy_ranks(svd_energy_curves(tokens), thresholds)
+
+
+def energy_ranks(cumulative: torch.Tensor, thresholds: Sequence[float] = SVD_THRESHOLDS) -> np.ndarray:
+    """:func:`svd_energy_ranks` from curves already computed by :func:`svd_energy_curves` (``N×K``)."""
     # A tiny slack keeps a share of exactly t (e.g. 0.8 of a flat spectrum) from losing to rounding.
     ranks = [(cumulative < t - 1e-12).sum(dim=-1) + 1 for t in thresholds]
     return torch.stack(ranks, dim=-1).clamp_max(cumulative.shape[-1]).cpu().numpy()

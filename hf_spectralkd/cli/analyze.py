@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
 
 from ..analysis import (
@@ -24,11 +23,11 @@ from ..analysis import (
 from ..analysis import plots
 from ..analysis.measures import (
     SVD_THRESHOLDS,
+    energy_ranks,
     feature_maps_and_gradients,
     feature_tokens,
     feature_value_range,
     mean_magnitude,
-    svd_energy_ranks,
 )
 from ..analysis.spectrum import ProfileAccumulator, collect_feature_maps, resolve_layers
 from ..features import describe_taps
@@ -108,7 +107,8 @@ def run(options) -> int:
 
     profile, activation_matrix, gradient_matrix, tokens, value_range = _one_pass_measures(model, batches, options)
     entropy = entropy_profile(model, batches, profile.layers, value_range=value_range)
-    per_image_ranks = svd_energy_ranks(tokens)
+    energy_curves = svd_energy_curves(tokens)  # one SVD per image, for the ranks and the plot
+    per_image_ranks = energy_ranks(energy_curves)
 
     report: dict[str, Any] = {
         **{k: v for k, v in profile.to_dict().items() if k != "extras"},
@@ -133,7 +133,7 @@ def run(options) -> int:
     plots.plot_intensity_bars(profile, out / "intensity.png")
     plots.plot_intensity_histogram(profile, out / "intensity_histogram.png")
     plots.plot_spectrum_grid(profile, out / "spectrum_grid.png")
-    plots.plot_svd_energy(svd_energy_curves(tokens).numpy(), out / "svd_energy.png")
+    plots.plot_svd_energy(energy_curves.numpy(), out / "svd_energy.png")
     if options.compare:
         other = SpectralProfile.load(options.compare)
         comparison = compare_profiles(profile, other)
