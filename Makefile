@@ -3,6 +3,8 @@
 #   make test      the test suite (offline)
 #   make dynamics  SpectralKD vs no-KD student: whose spectral profile is closer to the teacher's
 #   make bench     training-step and data-pipeline benchmarks (see bench/README.md)
+#   make lint      ruff (pyflakes, bugbear, import order; settings in pyproject.toml)
+#   make test-fast the suite without the tests marked slow (over 20 s each)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,10 +12,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test dynamics bench clean
+.PHONY: install demo test test-fast lint dynamics bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "setuptools>=70" wheel
 	# torch/torchvision first, pinned: deepspeed builds against the installed torch.
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,deepspeed]"
@@ -26,6 +29,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hf_spectralkd recipes tests bench
 
 dynamics: $(STAMP)
 	$(OFFLINE) $(PY) recipes/run_dynamics.py

@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "accelerate==1.15.0",
     "timm==1.0.31",
     "huggingface_hub==2.4.0",
+    "jinja2>=3.0",  # model cards are rendered from a template (huggingface_hub's ModelCard.from_template)
     "safetensors>=0.4",
     "pyyaml>=6.0",
     "numpy>=1.24",
@@ -30,7 +31,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
     # Needs `pip install --no-build-isolation` (it builds against the installed torch).
     "deepspeed": ["deepspeed==0.19.8"],
 }
@@ -44,6 +45,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_spectralkd", "hf_spectralkd.*"]),
+    package_data={"hf_spectralkd": ["templates/*.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["hf-spectralkd=hf_spectralkd.cli:main"]},

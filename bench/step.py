@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         "kd_fft": lambda: train_step(trainers["kd_fft"]),
         "teacher": teacher_forward,
         "fft_loss_parseval": lambda: loss_only(spectral_alignment_loss),
-        "fft_loss_rfft2": lambda: loss_only(lambda s, t: spectral_alignment_loss(s, t, method="fft")),
+        "fft_loss_rfft2": lambda: loss_only(lambda s, t: spectral_alignment_loss(s, t, implementation="rfft2")),
         "fft_loss_naive": lambda: loss_only(naive_fft_loss),
     }
     if options.compare_inference_mode:

@@ -3,20 +3,26 @@
 Public API::
 
     from hf_spectralkd import SpectralDistillationTrainer, SpectralDistillationConfig
-    from hf_spectralkd import spectral_alignment_loss, distillation_loss
+    from hf_spectralkd import distillation_objective, spectral_alignment_loss, distillation_loss
 """
 
 from .config import SpectralDistillationConfig
-from .losses import distillation_loss, spectral_alignment_loss
-from .trainer import NonFiniteLossError, SpectralDistillationTrainer
+from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError
+from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
+from .trainer import SpectralDistillationTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointSaveError",
+    "ConfigurationError",
+    "LossComponents",
     "NonFiniteLossError",
+    "RunFailedError",
     "SpectralDistillationConfig",
     "SpectralDistillationTrainer",
     "distillation_loss",
+    "distillation_objective",
     "spectral_alignment_loss",
     "__version__",
 ]

@@ -1,7 +1,7 @@
 """``SpectralDistillationConfig``: ``TrainingArguments`` plus the SpectralKD hyperparameters.
 
-Defaults follow METHOD.md §3.3 (the paper's DeiT setting): ``alpha=0.9``, ``temperature=1``,
-``beta=0.2`` (the *effective* feature weight; the Swin preset uses 0.05), ``label_smoothing=0.1``,
+Defaults are the paper's DeiT setting (docs/method.md#objective): ``alpha=0.9``, ``temperature=1``,
+``beta=0.2`` (the *effective* feature weight; the Swin preset uses 0.05), label smoothing 0.1,
 soft KD, FFT feature loss.
 """
 
@@ -10,19 +10,22 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from transformers import TrainingArguments
 
-DISTILLATION_TYPES = ("soft", "hard", "none")
-FEATURE_LOSSES = ("fft", "mse")
-LR_SCHEDULES = ("trainer", "deit")
+from .errors import ConfigurationError
+
+DistillationType = Literal["soft", "hard", "none"]
+FeatureLoss = Literal["fft", "mse"]
+LrSchedule = Literal["trainer", "deit"]
+LayerMapMode = Literal["manual", "auto"]
 
 
 def parse_layer_list(value: Any, argument: str) -> Union[list[int], str, None]:
     """Normalise a layer list given as ints, strings, ``"0,1,18"`` or ``"auto"``.
 
-    Returns a list of ints, the string ``"auto"`` or ``None``; raises ``ValueError`` naming ``argument``.
+    Returns a list of ints, the string ``"auto"`` or ``None``; raises ``ConfigurationError`` naming ``argument``.
     """
     if value is None:
         return None
@@ -43,36 +46,37 @@ def parse_layer_list(value: Any, argument: str) -> Union[list[int], str, None]:
         try:
             layer = int(item)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise ConfigurationError(
                 f"{argument}: expected 0-based block indices (e.g. 0 1 18 19) or 'auto', got {value!r}"
             ) from None
         if isinstance(item, float) and item != layer:
-            raise ValueError(f"{argument}: block indices must be integers, got {item!r}")
+            raise ConfigurationError(f"{argument}: block indices must be integers, got {item!r}")
         if layer < 0:
-            raise ValueError(f"{argument}: block indices are 0-based and must be >= 0, got {layer}")
+            raise ConfigurationError(f"{argument}: block indices are 0-based and must be >= 0, got {layer}")
         layers.append(layer)
     return layers
 
 
 def _check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise ConfigurationError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+        raise ConfigurationError(f"{name} must be a finite number, got {value}")
     below = value <= low if low_open else value < low
     if below or value > high:
         bracket = "(" if low_open else "["
         upper = "inf)" if math.isinf(high) else f"{high}]"
-        raise ValueError(f"{name} must be in {bracket}{low}, {upper}, got {value}")
+        raise ConfigurationError(f"{name} must be in {bracket}{low}, {upper}, got {value}")
 
 
 @dataclass
 class SpectralDistillationConfig(TrainingArguments):
     """Training arguments for :class:`~hf_spectralkd.SpectralDistillationTrainer`.
 
-    The objective is ``(1-alpha)·CE_ε + alpha·KD + beta·L_feat`` (METHOD.md §3.3). With
-    ``distillation_type="none"`` there is no logit-KD term and the loss is ``CE_ε + beta·L_feat``:
-    set ``beta=0`` too for the no-teacher baseline.
+    The objective is ``(1-alpha)·CE_ε + alpha·KD + beta·L_feat``
+    (:func:`hf_spectralkd.losses.distillation_objective`). With ``distillation_type="none"`` there is
+    no logit-KD term and the loss is ``CE_ε + beta·L_feat``: set ``beta=0`` too for the no-teacher
+    baseline. ε is ``label_smoothing_factor`` (default 0.1 here; ``label_smoothing`` is an alias).
     """
 
     alpha: float = field(
@@ -90,38 +94,49 @@ class SpectralDistillationConfig(TrainingArguments):
             "code's beta * w_fft. 0.2 for DeiT students, 0.05 for the Swin preset; 0 disables feature distillation."
         },
     )
-    distillation_type: str = field(
+    distillation_type: DistillationType = field(
         default="soft",
         metadata={
             "help": "Logit distillation: 'soft' (T^2 * KL to the teacher's softened probabilities), 'hard' "
             "(cross-entropy to the teacher's argmax) or 'none' (no logit KD)."
         },
     )
-    feature_loss: str = field(
+    feature_loss: FeatureLoss = field(
         default="fft",
         metadata={
             "help": "Feature loss on the paired layers: 'fft' (SpectralKD: MSE of ortho rfft2 spectra) or 'mse' "
             "(spatial MSE after the same channel pooling)."
         },
     )
-    student_layers: Optional[list[str]] = field(
+    layer_map: LayerMapMode = field(
+        default="manual",
+        metadata={
+            "help": "'manual' pairs --student_layers with --teacher_layers; 'auto' chooses both lists from the teacher's "
+            "spectral profile on one evaluation batch (hf_spectralkd.analysis.select_layers). '--teacher_layers auto' "
+            "is an accepted spelling of '--layer_map auto'."
+        },
+    )
+    student_layers: Optional[list[int]] = field(
         default=None,
         metadata={
             "help": "0-based student block (Swin: stage) indices to distil, paired by position with "
             "--teacher_layers, e.g. '0 1 6 7 8 9 10 11' for DeiT-Tiny. Empty: no feature loss."
         },
     )
-    teacher_layers: Optional[list[str]] = field(
+    teacher_layers: Optional[list[int]] = field(
         default=None,
         metadata={
             "help": "0-based teacher block (Swin: stage) indices, same length as --student_layers, e.g. "
-            "'0 1 18 19 20 21 22 23' for CaiT-S24. 'auto' chooses the whole map (student layers too) from the "
-            "teacher's spectral profile on one evaluation batch (hf_spectralkd.analysis.select_layers)."
+            "'0 1 18 19 20 21 22 23' for CaiT-S24."
         },
     )
-    label_smoothing: float = field(
+    label_smoothing_factor: float = field(
         default=0.1,
         metadata={"help": "Label smoothing epsilon of the base cross-entropy on hard labels, in [0, 1)."},
+    )
+    label_smoothing: Optional[float] = field(
+        default=None,
+        metadata={"help": "Alias of --label_smoothing_factor."},
     )
     teacher_revision: Optional[str] = field(
         default=None,
@@ -156,7 +171,7 @@ class SpectralDistillationConfig(TrainingArguments):
             "to the OS every step; measured faster in bench/step.py. No effect on GPU or without glibc."
         },
     )
-    lr_schedule: str = field(
+    lr_schedule: LrSchedule = field(
         default="trainer",
         metadata={
             "help": "'trainer' uses --lr_scheduler_type; 'deit' is the paper's cosine (warmup from --warmup_lr to the "
@@ -181,33 +196,38 @@ class SpectralDistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        self.student_layers = parse_layer_list(self.student_layers, "student_layers")
-        self.teacher_layers = parse_layer_list(self.teacher_layers, "teacher_layers")
-        if self.student_layers == "auto":
-            raise ValueError("student_layers: 'auto' is only accepted for teacher_layers (it then chooses both lists)")
-        if self.teacher_layers == "auto" and self.student_layers:
-            raise ValueError(
-                "teacher_layers='auto' chooses the whole layer map from the teacher's spectral profile; remove "
-                f"student_layers ({self.student_layers}) or list teacher_layers explicitly"
+        student_layers = parse_layer_list(self.student_layers, "student_layers")
+        teacher_layers = parse_layer_list(self.teacher_layers, "teacher_layers")
+        if student_layers == "auto":
+            raise ConfigurationError(
+                "student_layers: 'auto' is not a list of layers; use --layer_map auto to choose both lists"
             )
+        if teacher_layers == "auto":  # the older spelling of layer_map="auto"
+            self.layer_map, teacher_layers = "auto", None
+        self.student_layers, self.teacher_layers = student_layers, teacher_layers
+        _check_choice("distillation_type", self.distillation_type, DistillationType)
+        _check_choice("feature_loss", self.feature_loss, FeatureLoss)
+        _check_choice("lr_schedule", self.lr_schedule, LrSchedule)
+        _check_choice("layer_map", self.layer_map, LayerMapMode)
+        if self.label_smoothing is not None:
+            if self.label_smoothing_factor not in (0.1, self.label_smoothing):
+                raise ConfigurationError(
+                    f"label_smoothing: {self.label_smoothing} contradicts label_smoothing_factor "
+                    f"{self.label_smoothing_factor}; give one of the two"
+                )
+            self.label_smoothing_factor, self.label_smoothing = self.label_smoothing, None
         _check_number("alpha", self.alpha, 0.0, 1.0)
         _check_number("temperature", self.temperature, 0.0, low_open=True)
         _check_number("beta", self.beta, 0.0)
-        _check_number("label_smoothing", self.label_smoothing, 0.0, 1.0)
-        if self.label_smoothing >= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check_number("label_smoothing_factor", self.label_smoothing_factor, 0.0, 1.0)
+        if self.label_smoothing_factor >= 1.0:
+            raise ConfigurationError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
         _check_number("min_lr", self.min_lr, 0.0)
         _check_number("warmup_lr", self.warmup_lr, 0.0)
-        if self.distillation_type not in DISTILLATION_TYPES:
-            raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}")
-        if self.feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES}, got {self.feature_loss!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.teacher_layers != "auto" and (self.student_layers or self.teacher_layers):
+        if self.layer_map == "manual" and (self.student_layers or self.teacher_layers):
             n_student, n_teacher = len(self.student_layers or []), len(self.teacher_layers or [])
             if n_student != n_teacher:
-                raise ValueError(
+                raise ConfigurationError(
                     f"student_layers and teacher_layers must have the same length (they pair by position): got "
                     f"{n_student} student layers {self.student_layers} and {n_teacher} teacher layers "
                     f"{self.teacher_layers}"
@@ -217,9 +237,15 @@ class SpectralDistillationConfig(TrainingArguments):
             # run_config.json, logs): huggingface_hub reads it from the environment instead.
             os.environ["HF_TOKEN"] = self.hub_token
             self.hub_token = None
-        super().__post_init__()
-        # Streaming datasets: let every rank read its own shards instead of rank 0 decoding everything
-        # and broadcasting (HF_NOTES.md §7). Map-style datasets are unaffected.
+        try:
+            super().__post_init__()
+        except ConfigurationError:
+            raise
+        except ValueError as error:  # TrainingArguments' own checks are about the user's options too
+            raise ConfigurationError(str(error).strip().splitlines()[0]) from error
+        # Streaming datasets: every rank reads its own shards instead of rank 0 decoding everything
+        # and broadcasting slices (accelerate's default for iterable datasets, a bottleneck).
+        # Map-style datasets are unaffected.
         if getattr(self.accelerator_config, "dispatch_batches", None) is None:
             self.accelerator_config.dispatch_batches = False
 
@@ -229,8 +255,14 @@ class SpectralDistillationConfig(TrainingArguments):
 
     @property
     def uses_features(self) -> bool:
-        return self.beta > 0 and (self.teacher_layers == "auto" or bool(self.student_layers))
+        return self.beta > 0 and (self.layer_map == "auto" or bool(self.student_layers))
 
     @property
     def needs_teacher(self) -> bool:
         return self.uses_teacher_logits or self.uses_features
+
+
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigurationError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,7 +1,7 @@
 """Feature taps: per-block feature maps of a vision transformer as ``B×C×H×W`` tensors.
 
 Every spectral quantity in this library (the FFT alignment loss, the analysis toolkit) works on the
-same kind of tensor (METHOD.md §1): the output of one transformer block (Swin: one stage), taken
+same kind of tensor (docs/method.md#feature-maps): the output of one transformer block (Swin: one stage), taken
 from the residual stream *before* the model's final norm, with prefix tokens (CLS, distillation)
 removed and the patch tokens laid out on their grid.
 
@@ -40,6 +40,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .errors import ConfigurationError
+from .utils import unwrap_model
+
 SUPPORTED_FAMILIES = ("vit", "deit", "swin", "timm_wrapper")
 _FAMILY_HELP = (
     "ViT (ViTForImageClassification), DeiT (DeiTForImageClassification), Swin (SwinForImageClassification) "
@@ -72,32 +75,20 @@ class TapInfo:
         return (self.channels[layer], *self.grids[layer])
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed / ``torch.compile`` wrappers to reach the transformers model."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
-            model = model.module
-    return model
-
-
 def model_family(model: nn.Module) -> str:
-    """Return the feature-tap family of ``model`` or raise ``ValueError`` naming the supported ones."""
+    """Return the feature-tap family of ``model`` or raise ``ConfigurationError`` naming the supported ones."""
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in SUPPORTED_FAMILIES:
         if model_type == "timm_wrapper" and not hasattr(model.timm_model, "forward_intermediates"):
-            raise ValueError(
+            raise ConfigurationError(
                 f"timm model '{config.architecture}' has no `forward_intermediates`, so its block outputs cannot be "
                 f"tapped. Supported: {_FAMILY_HELP}."
             )
         return model_type
     name = type(model).__name__ if model_type is None else f"{type(model).__name__} (model_type='{model_type}')"
-    raise ValueError(f"Unsupported model for spectral feature taps: {name}. Supported families: {_FAMILY_HELP}.")
+    raise ConfigurationError(f"Unsupported model for spectral feature taps: {name}. Supported families: {_FAMILY_HELP}.")
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -1,12 +1,14 @@
-"""Losses of SpectralKD (arXiv 2412.19055, eqs. 6-15; METHOD.md §3).
+"""Losses of SpectralKD (arXiv 2412.19055, eqs. 6-15; docs/method.md).
 
-Combined objective, with one feature weight ``beta`` (the paper's β = the reference code's β·w_fft)::
+The whole objective is :func:`distillation_objective`, with one feature weight ``beta`` (the
+paper's β = the reference code's β·w_fft)::
 
-    L = (1 - alpha) · CE_ε(z_s, y) + alpha · T² · KL(p_t^T ‖ p_s^T) + beta · L_FFT
+    L = (1 - alpha) · CE_ε(z_s, y) + alpha · T² · KL(p_t^T ‖ p_s^T) + beta · L_feat
 
-``L_FFT`` is the pair-averaged MSE between the ortho-normalised 2-D spectra (over H, W) of channel-
-aligned student and teacher feature maps. Everything here is a pure function of tensors; the
-trainer only wires them together.
+``L_feat`` is :func:`spectral_alignment_loss` (the pair-averaged MSE between the ortho-normalised
+2-D spectra over H, W of channel-aligned student and teacher feature maps) or its spatial variant
+:func:`mse_alignment_loss`. Everything here is a pure function of tensors; the trainer only runs
+the models and logs the components.
 
 Fast path. The ortho ``rfft2`` is linear and unitary, so (a) the loss of a pair equals the loss of
 the spectrum of the *difference* ``d = F_s - F_t`` (one transform instead of two) and (b) by
@@ -19,17 +21,21 @@ Nyquist column when ``W`` is even) stand for one, hence, per ``H×W`` map,
 The DC (Nyquist) column of the 2-D spectrum is the ortho 1-D FFT over H of the row sums
 (alternating row sums), scaled by ``1/√W``; Parseval over H gives the two correction terms. The
 result equals the FFT form to float32 rounding and is what :func:`spectral_alignment_loss` uses by
-default (``method="parseval"``); ``method="fft"`` runs the literal ``rfft2`` of the difference.
+default (``implementation="closed_form"``); ``implementation="rfft2"`` runs the literal transform of
+the difference. docs/method.md derives the identity step by step.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 FeatureLossKind = Literal["fft", "mse"]
+DistillationType = Literal["soft", "hard", "none"]
+SpectralImplementation = Literal["closed_form", "rfft2"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +77,7 @@ def pool_channels(features: torch.Tensor, channels: int) -> torch.Tensor:
 def align_channels(
     student_features: torch.Tensor, teacher_features: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool the wider of two ``B×C×H×W`` maps down to the narrower width (parameter-free, METHOD.md §3.2).
+    """Pool the wider of two ``B×C×H×W`` maps down to the narrower width (parameter-free).
 
     The teacher is pooled when it is wider (the usual case), the student otherwise (paper eq. 6).
     """
@@ -133,13 +139,13 @@ def half_spectrum_energy(differences: torch.Tensor) -> torch.Tensor:
     return energy / 2
 
 
-def _spectral_pair_loss_parseval(difference: torch.Tensor) -> torch.Tensor:
+def _spectral_pair_loss_closed_form(difference: torch.Tensor) -> torch.Tensor:
     batch, height, width, channels = difference.shape
     num_elements = batch * channels * height * (width // 2 + 1) * 2  # real + imaginary parts
     return half_spectrum_energy(difference) / num_elements
 
 
-def _spectral_pair_loss_fft(difference: torch.Tensor) -> torch.Tensor:
+def _spectral_pair_loss_rfft2(difference: torch.Tensor) -> torch.Tensor:
     spectrum = torch.fft.rfft2(difference, dim=(1, 2), norm="ortho")  # B×H×(W//2+1)×C complex
     return torch.view_as_real(spectrum).pow(2).mean()
 
@@ -147,7 +153,7 @@ def _spectral_pair_loss_fft(difference: torch.Tensor) -> torch.Tensor:
 def spectral_alignment_loss(
     student_features: Sequence[torch.Tensor],
     teacher_features: Sequence[torch.Tensor],
-    method: Literal["parseval", "fft"] = "parseval",
+    implementation: SpectralImplementation = "closed_form",
 ) -> torch.Tensor:
     """SpectralKD feature loss ``L_FFT`` (SKD eqs. 6-13).
 
@@ -160,16 +166,18 @@ def spectral_alignment_loss(
     Args:
         student_features: ``P`` student maps, ``B×C_s×H×W`` each.
         teacher_features: ``P`` teacher maps, paired with ``student_features`` by position.
-        method: ``"parseval"`` (default) evaluates the same quantity in closed form without a
-            transform; ``"fft"`` runs ``rfft2`` on the difference of the aligned maps.
+        implementation: ``"closed_form"`` (default) evaluates the quantity without a transform
+            (Parseval, see the module docstring); ``"rfft2"`` runs ``rfft2`` on the difference of
+            the aligned maps. Both give the same number to float32 rounding.
 
     Raises:
         ValueError: if the lists differ in length, are empty, or a pair differs in batch or H×W
             (the message names the pair index and both sizes).
     """
-    if method not in ("parseval", "fft"):
-        raise ValueError(f"method must be 'parseval' or 'fft', got {method!r}")
-    pair_loss = _spectral_pair_loss_parseval if method == "parseval" else _spectral_pair_loss_fft
+    pair_losses = {"closed_form": _spectral_pair_loss_closed_form, "rfft2": _spectral_pair_loss_rfft2}
+    if implementation not in pair_losses:
+        raise ValueError(f"implementation must be 'closed_form' or 'rfft2', got {implementation!r}")
+    pair_loss = pair_losses[implementation]
     differences = _aligned_differences(student_features, teacher_features)
     # Per pair rather than stacked: stacking same-shape pairs costs a copy of every difference and
     # measured slower on CPU than the per-pair reductions it would save (bench/README.md).
@@ -225,6 +233,70 @@ def hard_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
 
 
+@dataclass(frozen=True)
+class LossComponents:
+    """The objective and its unweighted terms, each a float32 scalar.
+
+    ``total = w_ce·ce + w_kd·kd + beta·feature`` with the weights of :func:`distillation_objective`;
+    a term that is not part of the objective is ``0``.
+    """
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    feature: torch.Tensor
+
+
+def distillation_objective(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor] = None,
+    student_maps: Sequence[torch.Tensor] = (),
+    teacher_maps: Sequence[torch.Tensor] = (),
+    *,
+    alpha: float = 0.9,
+    beta: float = 0.2,
+    temperature: float = 1.0,
+    distillation_type: DistillationType = "soft",
+    feature_loss: FeatureLossKind = "fft",
+    label_smoothing: float = 0.1,
+) -> LossComponents:
+    """The SpectralKD objective ``(1-α)·CE_ε + α·KD + β·L_feat`` and its components.
+
+    Args:
+        student_logits: ``B×K``.
+        labels: ``B`` class indices, or ``B×K`` soft targets (mixup/cutmix).
+        teacher_logits: ``B×K`` (already in the student's label order), or ``None`` when the
+            objective has no KD term.
+        student_maps, teacher_maps: ``P`` paired feature maps ``B×C×H×W`` (may be empty).
+        alpha: KD weight; the cross-entropy gets ``1 - alpha``. Without a KD term (``distillation_type
+            == "none"``, ``alpha == 0`` or no ``teacher_logits``) the cross-entropy has weight 1.
+        beta: weight of the feature loss; ignored when no maps are given.
+        distillation_type: ``"soft"`` (``T²·KL``), ``"hard"`` (CE to the teacher's argmax) or ``"none"``.
+        feature_loss: ``"fft"`` (:func:`spectral_alignment_loss`) or ``"mse"`` (:func:`mse_alignment_loss`).
+
+    Returns:
+        :class:`LossComponents` with the weighted ``total`` and the raw ``ce``, ``kd``, ``feature``.
+    """
+    if distillation_type not in ("soft", "hard", "none"):
+        raise ValueError(f"distillation_type must be 'soft', 'hard' or 'none', got {distillation_type!r}")
+    if len(student_maps) != len(teacher_maps):
+        raise ValueError(f"got {len(student_maps)} student and {len(teacher_maps)} teacher feature maps")
+    ce = classification_loss(student_logits, labels, label_smoothing)
+    zero = ce.new_zeros(())
+    with_kd = distillation_type != "none" and alpha > 0 and teacher_logits is not None
+    kd = zero
+    if with_kd:
+        kd = (
+            soft_kd_loss(student_logits, teacher_logits, temperature)
+            if distillation_type == "soft"
+            else hard_kd_loss(student_logits, teacher_logits)
+        )
+    feature = feature_alignment_loss(student_maps, teacher_maps, feature_loss) if student_maps else zero
+    total = ((1.0 - alpha) * ce + alpha * kd if with_kd else ce) + (beta * feature if student_maps else 0.0)
+    return LossComponents(total=total, ce=ce, kd=kd, feature=feature)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -234,16 +306,11 @@ def distillation_loss(
     kind: Literal["soft", "hard"] = "soft",
     label_smoothing: float = 0.1,
 ) -> torch.Tensor:
-    """Logit part of the objective: ``(1-α)·CE_ε(z_s, y) + α·KD(z_s, z_t)``.
-
-    ``KD`` is :func:`soft_kd_loss` (``kind="soft"``: ``T²·KL``, batchmean) or :func:`hard_kd_loss`
-    (``kind="hard"``: CE against the teacher's argmax). ``labels`` are class indices ``B`` or soft
-    targets ``B×K``. Logits are ``B×K``; the result is a float32 scalar.
-    """
-    if kind == "soft":
-        kd = soft_kd_loss(student_logits, teacher_logits, temperature)
-    elif kind == "hard":
-        kd = hard_kd_loss(student_logits, teacher_logits)
-    else:
+    """Logit part of the objective, ``(1-α)·CE_ε(z_s, y) + α·KD(z_s, z_t)``: :func:`distillation_objective`
+    without feature maps, as a float32 scalar."""
+    if kind not in ("soft", "hard"):
         raise ValueError(f"kind must be 'soft' or 'hard', got {kind!r}")
-    return (1.0 - alpha) * classification_loss(student_logits, labels, label_smoothing) + alpha * kd
+    return distillation_objective(
+        student_logits, labels, teacher_logits, alpha=alpha, temperature=temperature, distillation_type=kind,
+        label_smoothing=label_smoothing,
+    ).total

@@ -25,13 +25,16 @@ from transformers import (
     ViTConfig,
 )
 
+from .errors import ConfigurationError
+
 logger = logging.getLogger(__name__)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _deit(hidden: int, heads: int) -> Callable[[], PretrainedConfig]:
-    # ViT with layer_norm_eps=1e-6 is timm's DeiT (197 tokens, weights map 1:1; HF_NOTES.md §4).
+    # ViT with layer_norm_eps=1e-6 is timm's DeiT: 197 tokens, and timm's deit_tiny_patch16_224 weights
+    # map onto it 1:1 with equal logits (HF's DeiT class adds a distillation token: 198).
     return lambda: ViTConfig(
         image_size=224, patch_size=16, hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads,
         intermediate_size=4 * hidden, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -76,7 +79,7 @@ class LoadedModel:
     revision: Optional[str] = None  # resolved commit sha for Hub models, when known
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ConfigurationError):
     """A model id/path that cannot be loaded; the message names the argument and the value."""
 
 
@@ -210,5 +213,25 @@ def ensure_deepspeed_distributed(args) -> None:
     deepspeed.init_distributed()
 
 
-def count_parameters(model: PreTrainedModel) -> int:
-    return sum(p.numel() for p in model.parameters())
+def model_license(name_or_path: str, revision: Optional[str] = None, token: Optional[str] = None) -> Optional[str]:
+    """The ``license`` of a model's card (``README.md`` metadata), or ``None`` if it has no card or says none.
+
+    Local folders are read directly; Hub ids through huggingface_hub (the cached card when offline).
+    """
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    try:
+        path = Path(os.path.expanduser(name_or_path))
+        if path.exists():
+            readme = path / "README.md" if path.is_dir() else path.parent / "README.md"
+            if not readme.is_file():
+                return None
+            card = ModelCard.load(str(readme))
+        elif name_or_path in ARCHITECTURE_PRESETS:
+            return None
+        else:
+            card = ModelCard.load(hf_hub_download(name_or_path, "README.md", revision=revision, token=token))
+    except Exception:  # noqa: BLE001 - the license is a default for the card, never a reason to fail
+        return None
+    value = getattr(card.data, "license", None)
+    return str(value) if value else None

@@ -1,18 +1,19 @@
 """``SpectralDistillationTrainer``: a ``transformers.Trainer`` that distils a ViT student with SpectralKD.
 
 The student is ``self.model`` (moved, wrapped, saved and pushed by the Trainer as usual); the
-teacher is a frozen, eval-mode attribute prepared for the launch mode (HF_NOTES.md §5):
+teacher is a frozen, eval-mode attribute prepared for the launch mode (docs/design.md#teacher-placement):
 
 * single device / DDP: ``accelerator.prepare_model(teacher, evaluation_mode=True)`` (device
   placement and the trainer's autocast, no DDP wrapper);
 * DeepSpeed: its own inference engine, ZeRO-3 sharded when training is ZeRO-3, otherwise stage 0
   (a replica), as TRL does.
 
-Per step: one student forward (with hidden states when layers are paired), one teacher forward
-under ``no_grad`` on the same augmented batch, then
-``loss = (1-α)·CE_ε + α·KD + β·L_feat`` (METHOD.md §3.3). The three raw components are logged as
+Per step: one teacher forward under ``no_grad`` and one student forward on the same augmented
+batch, each asked only for the tapped hidden states, then
+:func:`~hf_spectralkd.losses.distillation_objective`. Its three raw components are logged as
 ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over the logging window and over
-processes.
+processes. Checkpointing, the model card and the optimizer details live in their own mixins
+(:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`).
 """
 
 from __future__ import annotations
@@ -22,39 +23,37 @@ import json
 import logging
 import math
 import os
-import shutil
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpointing import AtomicCheckpointMixin, acquire_run_lock
 from .config import SpectralDistillationConfig
-from .data import ImageClassificationCollator
-from .features import describe_taps, extract_features, feature_forward_kwargs, model_family, unwrap_model
-from .losses import classification_loss, feature_alignment_loss, hard_kd_loss, soft_kd_loss
+from .data import DatasetEpochCallback, ImageClassificationCollator, first_images
+from .errors import ConfigurationError, NonFiniteLossError
+from .features import (
+    describe_taps,
+    extract_features,
+    feature_forward_kwargs,
+    model_family,
+)
+from .hub import ModelCardMixin
+from .layer_map import LayerPair, check_num_labels, resolve_layer_map
+from .losses import distillation_objective
 from .metrics import topk_accuracy, topk_indices
 from .models import LoadedModel, load_model
+from .optimization import DeiTOptimizationMixin
 from .perf import keep_freed_memory
-from .validation import LayerPair, build_layer_map, check_num_labels
+from .summary import RunSummary
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = ".checkpoint-staging"
-#: Parameters that DeiT/Swin training keeps out of weight decay, besides every 1-D tensor (biases, norms).
-NO_DECAY_KEYWORDS = (
-    "position_embeddings", "pos_embed", "cls_token", "distillation_token", "dist_token", "mask_token",
-    "relative_position_bias_table", "absolute_pos_embed",
-)
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss component became NaN or infinite; raised before the optimizer step."""
-
-
-class SpectralDistillationTrainer(Trainer):
+class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOptimizationMixin, Trainer):
     """Distil ``model`` (the student) from ``teacher_model`` with the SpectralKD objective.
 
     Args:
@@ -63,18 +62,24 @@ class SpectralDistillationTrainer(Trainer):
             ``args.distillation_type == "none"`` and no feature loss is used.
         args: a :class:`SpectralDistillationConfig`.
         teacher_kwargs: extra keyword arguments for loading a teacher given by id (``token``, ...).
+        layer_map: the checked pairs from :func:`~hf_spectralkd.layer_map.resolve_layer_map`; by
+            default resolved here from ``args`` (``layer_map="auto"`` profiles the teacher on 32
+            images of the evaluation or training set).
+        summary: the run's record for cards and ``results.json``; by default described from the
+            models and ``args``.
         **kwargs: everything ``transformers.Trainer`` accepts (datasets, collator, callbacks, ...).
             ``compute_metrics`` defaults to top-1/top-5 accuracy and the collator to
             :class:`~hf_spectralkd.data.ImageClassificationCollator`.
 
     Raises:
-        ValueError / TypeError: before training, for a missing or unsupported teacher, layer lists of
-            different lengths or out of range, paired layers of different spatial size, or teacher and
-            student with different numbers of classes.
+        ConfigurationError (a ``ValueError``): before training, for a missing or unsupported
+            teacher, layer lists of different lengths or out of range, paired layers of different
+            spatial size, or teacher and student with different numbers of classes.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation
-    # steps itself (HF_NOTES.md §1, the GA trap).
+    # steps itself. Left at None, transformers 5.23 skips that division for students whose forward
+    # takes **kwargs (ViT, DeiT, Swin), and loss and gradients come out GA-times too large.
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -83,6 +88,8 @@ class SpectralDistillationTrainer(Trainer):
         teacher_model: Union[nn.Module, str, None] = None,
         args: Optional[SpectralDistillationConfig] = None,
         teacher_kwargs: Optional[dict[str, Any]] = None,
+        layer_map: Optional[list[LayerPair]] = None,
+        summary: Optional[RunSummary] = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -90,25 +97,23 @@ class SpectralDistillationTrainer(Trainer):
         if not isinstance(args, SpectralDistillationConfig):
             raise TypeError(f"args must be a SpectralDistillationConfig, got {type(args).__name__}")
         if model is None:
-            raise ValueError("model: the student model is required")
+            raise ConfigurationError("model: the student model is required")
+        student_info = None
         if isinstance(model, str):
-            model = load_model(model, argument="model", trust_remote_code=args.trust_remote_code).model
+            student_info = load_model(model, argument="model", trust_remote_code=args.trust_remote_code)
+            model = student_info.model
 
-        self.teacher_info: Optional[LoadedModel] = None
-        teacher = self._resolve_teacher(teacher_model, args, teacher_kwargs or {})
+        teacher_info, teacher = self._resolve_teacher(teacher_model, args, teacher_kwargs or {})
         kwargs.setdefault("data_collator", ImageClassificationCollator())
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
-
         if teacher is not None and args.uses_teacher_logits:
             check_num_labels(model, teacher)
-        # The layer map is validated before Trainer.__init__, which may already contact the Hub.
-        if args.teacher_layers == "auto" and args.uses_features:
-            args.student_layers, args.teacher_layers = self._select_layer_map(model, teacher, args, kwargs)
-        self.layer_map: list[LayerPair] = (
-            build_layer_map(model, teacher, args.student_layers, args.teacher_layers) if args.uses_features else []
-        )
+        # Checked before Trainer.__init__, which may already contact the Hub.
+        if layer_map is None:
+            layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs))
+        self.layer_map: list[LayerPair] = list(layer_map)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # never pass num_items_in_batch to the student
         if args.cpu_malloc_tuning and self.args.device.type == "cpu":
@@ -118,9 +123,15 @@ class SpectralDistillationTrainer(Trainer):
                 "SpectralKD: %d layer pairs, %s loss, beta=%s: student %s <-> teacher %s", len(self.layer_map),
                 args.feature_loss, args.beta, [p.student for p in self.layer_map], [p.teacher for p in self.layer_map],
             )
-
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
-        self.add_callback(_DatasetEpochCallback(self))
+        self.summary = summary or RunSummary.describe(
+            args, model, teacher, self.layer_map,
+            student_source=student_info.source if student_info else None,
+            student_kind=student_info.kind if student_info else "scratch",
+            teacher_source=teacher_info.source if teacher_info else None,
+            teacher_revision=teacher_info.revision if teacher_info else None,
+        )
+        self.add_callback(DatasetEpochCallback(lambda: self.train_dataset))
         # Running sums of (ce, kd, feature) per mode, reset at each log; see `log`.
         self._loss_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
         self._loss_counts = {"train": 0, "eval": 0}
@@ -130,33 +141,32 @@ class SpectralDistillationTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     # Teacher
     # ------------------------------------------------------------------------------------------
+    @staticmethod
     def _resolve_teacher(
-        self, teacher_model: Union[nn.Module, str, None], args: SpectralDistillationConfig, teacher_kwargs: dict
-    ) -> Optional[nn.Module]:
+        teacher_model: Union[nn.Module, str, None], args: SpectralDistillationConfig, teacher_kwargs: dict
+    ) -> tuple[Optional[LoadedModel], Optional[nn.Module]]:
         if not args.needs_teacher:
             if teacher_model is not None:
                 logger.warning("teacher_model is ignored: distillation_type='none' and no feature loss (beta=0 or no layers)")
-            return None
+            return None, None
         if teacher_model is None:
-            raise ValueError(
+            raise ConfigurationError(
                 f"teacher_model is required for distillation_type='{args.distillation_type}' (alpha={args.alpha}) "
                 f"and beta={args.beta} with layers {args.teacher_layers}; pass a model, Hub id or folder, or set "
-                "distillation_type='none' and beta=0 to train without a teacher"
+                "distillation_type='none' and beta=0 to train without one"
             )
+        info = None
         if isinstance(teacher_model, str):
-            self.teacher_info = load_model(
-                teacher_model,
-                argument="teacher_model",
-                revision=args.teacher_revision,
-                trust_remote_code=args.trust_remote_code,
-                **teacher_kwargs,
+            info = load_model(
+                teacher_model, argument="teacher_model", revision=args.teacher_revision,
+                trust_remote_code=args.trust_remote_code, **teacher_kwargs,
             )
-            teacher_model = self.teacher_info.model
+            teacher_model = info.model
         if not isinstance(teacher_model, nn.Module):
             raise TypeError(f"teacher_model must be an nn.Module, a Hub id or a folder, got {type(teacher_model).__name__}")
         if args.uses_features:
             model_family(teacher_model)
-        return teacher_model
+        return info, teacher_model
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.eval().requires_grad_(False)
@@ -176,8 +186,7 @@ class SpectralDistillationTrainer(Trainer):
         config.pop("scheduler", None)
         zero = config.setdefault("zero_optimization", {})
         if zero.get("stage", 0) == 3:
-            taps = describe_taps(teacher)
-            hidden = max(taps.channels)
+            hidden = max(describe_taps(teacher).channels)
             zero.update(
                 reduce_bucket_size=hidden * hidden,
                 stage3_param_persistence_threshold=10 * hidden,
@@ -189,27 +198,8 @@ class SpectralDistillationTrainer(Trainer):
         engine.eval()
         return engine
 
-    def _select_layer_map(
-        self, student: nn.Module, teacher: nn.Module, args: SpectralDistillationConfig, trainer_kwargs: dict
-    ) -> tuple[list[int], list[int]]:
-        """Resolve ``teacher_layers='auto'``: profile the teacher on one batch and apply ``select_layers``."""
-        from .analysis import select_layers, spectral_profile
-
-        dataset = trainer_kwargs.get("eval_dataset")
-        if dataset is None or isinstance(dataset, dict):
-            dataset = trainer_kwargs.get("train_dataset")
-        if dataset is None:
-            raise ValueError("teacher_layers='auto' needs a train or eval dataset to analyse the teacher")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=32, collate_fn=trainer_kwargs["data_collator"])
-        pixel_values = next(iter(loader))["pixel_values"]
-        profile = spectral_profile(teacher.to(args.device), pixel_values)
-        selection = select_layers(profile, describe_taps(student).num_layers)
-        self.layer_selection = selection
-        logger.info("teacher_layers='auto': %s (%s)", selection.as_arguments(), selection.rule)
-        return selection.student_layers, selection.teacher_layers
-
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
-        """``Trainer.train``; a resumed stream skips the already-trained batches without decoding them."""
+        """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding."""
         if resume_from_checkpoint and not self.args.ignore_data_skip and hasattr(self.train_dataset, "fast_forward"):
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
@@ -221,7 +211,12 @@ class SpectralDistillationTrainer(Trainer):
                 self.train_dataset.fast_forward(
                     global_step * self.args.gradient_accumulation_steps, self.args.per_device_train_batch_size
                 )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        lock = acquire_run_lock(self.accelerator, self.args.output_dir)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------------------------------------
     # Loss
@@ -257,36 +252,23 @@ class SpectralDistillationTrainer(Trainer):
                     teacher_maps = extract_features(self.teacher, teacher_outputs, teacher_layers)
                 del teacher_outputs
         outputs = model(pixel_values=pixel_values, **feature_forward_kwargs(model, student_layers))
-        logits = outputs.logits
-        loss_ce = classification_loss(logits, labels, args.label_smoothing)
-        zero = loss_ce.new_zeros(())
-        loss_kd, loss_feat = zero, zero
-
-        if teacher_logits is not None:
-            if args.uses_teacher_logits:
-                loss_kd = (
-                    soft_kd_loss(logits, teacher_logits, args.temperature)
-                    if args.distillation_type == "soft"
-                    else hard_kd_loss(logits, teacher_logits)
-                )
-            if use_features:
-                student_maps = extract_features(model, outputs, student_layers)
-                loss_feat = feature_alignment_loss(student_maps, teacher_maps, args.feature_loss)
-
-        ce_weight = (1.0 - args.alpha) if args.uses_teacher_logits else 1.0
-        kd_weight = args.alpha if args.uses_teacher_logits else 0.0
-        loss = ce_weight * loss_ce + kd_weight * loss_kd + args.beta * loss_feat
-
-        components = torch.stack([loss_ce.detach(), loss_kd.detach(), loss_feat.detach()]).float()
+        student_maps = extract_features(model, outputs, student_layers) if use_features else []
+        losses = distillation_objective(
+            outputs.logits, labels, teacher_logits, student_maps, teacher_maps,
+            alpha=args.alpha, beta=args.beta, temperature=args.temperature,
+            distillation_type=args.distillation_type if use_teacher else "none",
+            feature_loss=args.feature_loss, label_smoothing=args.label_smoothing_factor,
+        )
+        components = torch.stack([losses.ce.detach(), losses.kd.detach(), losses.feature.detach()]).float()
         if mode == "train" and args.stop_on_nonfinite_loss:
             self._check_finite(components)
         sums = self._loss_sums[mode]
         self._loss_sums[mode] = components if sums is None else sums + components
         self._loss_counts[mode] += 1
 
-        if return_outputs:
-            return loss, ImageClassifierOutput(logits=logits)  # only logits: hidden states are never gathered
-        return loss
+        if return_outputs:  # only logits: hidden states are never gathered over the eval set
+            return losses.total, ImageClassifierOutput(logits=outputs.logits)
+        return losses.total
 
     def _check_finite(self, components: torch.Tensor) -> None:
         """Raise on a NaN/inf loss term on any process, on every process at once (no rank left waiting)."""
@@ -324,176 +306,12 @@ class SpectralDistillationTrainer(Trainer):
                 logs["skipped_images"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------------------------------
-    # Optimizer and schedule (METHOD.md §4.2)
-    # ------------------------------------------------------------------------------------------
-    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Weight decay on matrices only: no decay on 1-D tensors, position embeddings or prefix tokens."""
-        return [
-            name
-            for name, param in model.named_parameters()
-            if param.ndim > 1 and not any(keyword in name for keyword in NO_DECAY_KEYWORDS)
-        ]
 
-    def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
-        if self.args.lr_schedule != "deit":
-            return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            optimizer = self.optimizer if optimizer is None else optimizer
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, deit_lr_lambda(self.args, num_training_steps)
-            )
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
-
-    # ------------------------------------------------------------------------------------------
-    # Saving: atomic checkpoints and a model card beside every saved student
-    # ------------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial) -> str:
-        staging = getattr(self, "_staging_root", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        """Write the checkpoint into a staging folder, then rename it into place.
-
-        ``checkpoint-N`` therefore only ever exists complete: a crash mid-save leaves a partial folder
-        under ``.checkpoint-staging/``, which resume ignores and the next save clears.
-        """
-        run_dir = super()._get_output_dir(trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.exists(staged):
-            shutil.rmtree(staged)
-        self.accelerator.wait_for_everyone()
-        self._staging_root = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            _fsync_tree(staged)
-            os.replace(staged, final)
-            _fsync_dir(run_dir)
-            shutil.rmtree(staging_root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        for attr in ("best_model_checkpoint",):
-            value = getattr(self.state, attr)
-            if value and value.startswith(staging_root):
-                setattr(self.state, attr, os.path.join(run_dir, os.path.basename(value)))
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-
-    # transformers 5.23 reloads checkpoints with a raw ``load_state_dict`` of the file's keys, but
-    # ``save_pretrained`` writes the Hub key names (e.g. ViT's ``encoder.layer.0.attention.attention.query``
-    # for the in-memory ``layers.0.attention.q_proj``): the load silently matches nothing and a resumed
-    # run restarts from its initial weights (huggingface/transformers#48805). Loading through
-    # ``from_pretrained`` applies the key conversion.
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(resume_from_checkpoint):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_weights_from_folder(model if model is not None else self.model, resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(best):
-            return super()._load_best_model()
-        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
-        load_weights_from_folder(self.model, best)
-
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            from .hub import write_model_card
-
-            write_model_card(self, output_dir or self.args.output_dir)
-
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """Replace the Trainer's generic card with the SpectralKD card (called by ``push_to_hub``)."""
-        if self.is_world_process_zero():
-            from .hub import write_model_card
-
-            write_model_card(self, self.args.output_dir)
-
-
-class _DatasetEpochCallback(TrainerCallback):
-    """Tell the training dataset which epoch starts, also on a resumed run.
-
-    Augmentation (map-style) and stream order (streaming) depend on the epoch. accelerate forwards
-    ``set_epoch`` to the dataset, except through the loader that skips the already-seen batches of a
-    resumed epoch, which would replay that epoch with epoch 0's randomness.
-    """
-
-    def __init__(self, trainer: "SpectralDistillationTrainer"):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        dataset = self.trainer.train_dataset
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
-
-
-def deit_lr_lambda(args: SpectralDistillationConfig, num_training_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak rate at optimizer step ``t``: DeiT's warmup + cosine, per step.
-
-    ``lr(t) = warmup_lr + t·(peak - warmup_lr)/W`` for ``t < W``, else
-    ``min_lr + ½(peak - min_lr)(1 + cos(π·t/T))``; the warmup counts toward the cosine (timm's
-    ``t_initial = epochs``). The reference steps it per epoch; per step is a documented deviation.
-    """
-    peak = args.learning_rate
-    warmup = args.get_warmup_steps(num_training_steps)
-    total = max(1, num_training_steps)
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            lr = args.warmup_lr + step * (peak - args.warmup_lr) / warmup
-        else:
-            lr = args.min_lr + 0.5 * (peak - args.min_lr) * (1.0 + math.cos(math.pi * min(step, total) / total))
-        return lr / peak if peak > 0 else 0.0
-
-    return multiplier
-
-
-def _single_file_checkpoint(folder: Optional[str]) -> bool:
-    return bool(folder) and os.path.isfile(os.path.join(folder, "model.safetensors"))
-
-
-def load_weights_from_folder(model: nn.Module, folder: str) -> None:
-    """Copy the weights saved in ``folder`` (``save_pretrained`` layout) into ``model``, strictly."""
-    target = unwrap_model(model)
-    reloaded = type(target).from_pretrained(folder, config=target.config)
-    target.load_state_dict(reloaded.state_dict(), strict=True)
-    del reloaded
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    """Flush every file of a checkpoint to disk before it is renamed into place."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                with open(os.path.join(folder, name), "rb+") as handle:
-                    os.fsync(handle.fileno())
-            except OSError:
-                pass
-        _fsync_dir(folder)
+def _sample_images(args: SpectralDistillationConfig, trainer_kwargs: dict) -> Optional[torch.Tensor]:
+    """32 images for ``layer_map="auto"``: from the evaluation set (deterministic), else the training set."""
+    if args.layer_map != "auto" or not args.uses_features:
+        return None
+    dataset = trainer_kwargs.get("eval_dataset")
+    if dataset is None or isinstance(dataset, dict):
+        dataset = trainer_kwargs.get("train_dataset")
+    return first_images(dataset, 32)

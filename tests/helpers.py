@@ -1,7 +1,10 @@
-"""Builders for tiny models and datasets used across the tests (importable by subprocess scripts)."""
+"""Builders for tiny models, datasets and recipe command lines shared by the tests (and subprocess scripts)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +103,48 @@ class SyntheticImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe on tiny models
+# ------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "run_distill.py"
+RECIPE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def tiny_run_args(saved_models, dataset, output_dir, *extra):
+    """A working recipe command line: tiny CaiT teacher, tiny ViT student, 4 steps on CPU."""
+    return [
+        "--teacher", saved_models["teacher"], "--student", saved_models["student_config"], "--dataset", dataset,
+        "--output_dir", str(output_dir), "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "2",
+        "--student_layers", "0", "2", "--teacher_layers", "0", "3", "--auto_augment", "none", "--reprob", "0",
+        "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "2", "--use_cpu", "true",
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
+    ]
+
+
+def streaming_args(saved_models, parquet_dataset, output_dir, *extra):
+    return tiny_run_args(
+        saved_models, parquet_dataset, output_dir, "--image_column", "img", "--label_column", "target",
+        "--streaming", "true", "--shuffle_buffer_size", "8", "--eval_strategy", "no", "--evaluate_teacher", "false", *extra,
+    )
+
+
+def run_and_capture(main, argv, capsys) -> tuple[int, str]:
+    """Run a command's ``main(argv)`` in-process: its exit code and what it printed on stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse rejects some input itself
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def run_recipe_process(argv, check: bool = True, script=RECIPE, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The recipe in its own process, as a job runs it."""
+    result = subprocess.run([sys.executable, str(script), *argv], env=RECIPE_ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -67,7 +67,12 @@ def test_analyze_shares_forward_passes_and_matches_the_library_functions(model_d
     """One forward per batch for every measure but the entropy, whose histogram pass needs the global
     range first (2 forwards per batch instead of 5), and the same figures as the separate functions."""
     from hf_spectralkd.analysis import activation_gradient_magnitude, entropy_profile, spectral_profile
-    from hf_spectralkd.analysis.measures import last_layer_tokens, spectral_energy_pattern, svd_energy_ranks, svd_rank_summary
+    from hf_spectralkd.analysis.measures import (
+        last_layer_tokens,
+        spectral_energy_pattern,
+        svd_energy_ranks,
+        svd_rank_summary,
+    )
     from hf_spectralkd.cli import analyze as analyze_cli
 
     seen_batches, models = [], []
@@ -134,7 +139,7 @@ def test_select_layers_prints_a_map_run_distill_accepts(tmp_path, capsys, model_
     assert args.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and args.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
     # from the teacher itself, on images
     assert main(["select-layers", "--teacher", str(model_dirs / "teacher"), "--dataset", str(image_folder),
-                 "--num-images", "4", "--student-layers", "3"]) == 0
+                 "--num-images", "4", "--student-depth", "3"]) == 0
     assert "teacher_layers: [" in capsys.readouterr().out
 
 

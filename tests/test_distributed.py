@@ -81,3 +81,6 @@ def test_deepspeed_zero3_two_processes_shard_student_and_teacher(tmp_path):
     # saved with stage3_gather_16bit_weights_on_model_save: a whole student, loadable without DeepSpeed
     student = AutoModelForImageClassification.from_pretrained(tmp_path / "student")
     assert student.config.num_labels == 5 and all(torch.isfinite(p).all() and p.numel() > 0 for p in student.parameters())
+    # Each process holds a shard of every parameter; the card counts the whole model.
+    whole = sum(p.numel() for p in student.parameters())
+    assert f"({whole:,} parameters)" in (tmp_path / "student" / "README.md").read_text()

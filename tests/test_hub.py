@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import fnmatch
-from concurrent.futures import Future
 import json
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import run_distill
-from helpers import SyntheticImageDataset, tiny_cait, tiny_vit
+from helpers import SyntheticImageDataset, tiny_cait, tiny_run_args, tiny_vit
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
@@ -88,13 +88,14 @@ def test_trainer_push_sends_only_the_student_with_a_complete_card(tmp_path):
 
 
 def test_recipe_writes_card_with_teacher_revision_and_profile_plot(saved_models, imagefolder, tmp_path):
-    from test_recipe import tiny_run_args
 
     out = tmp_path / "out"
     assert run_distill.main(tiny_run_args(saved_models, imagefolder, out)) == 0
     metadata = card_metadata(out)
-    assert metadata["teacher_model"] == saved_models["teacher"]
+    assert metadata["teacher_model"] == Path(saved_models["teacher"]).name  # a local teacher by its folder name
     assert not metadata.get("datasets")  # a local folder is no Hub dataset
+    for published in ("README.md", "results.json"):  # no local path is ever published
+        assert str(tmp_path.parent) not in (out / published).read_text(), published
     assert metadata["model-index"][0]["results"][0]["dataset"]["split"] == "validation"
     text = (out / "README.md").read_text()
     assert "spectral_profiles.png" in text and (out / "spectral_profiles.png").exists()
@@ -104,8 +105,24 @@ def test_recipe_writes_card_with_teacher_revision_and_profile_plot(saved_models,
         json.loads((out / "spectral_profiles.json").read_text())["comparison"]["pearson"])
 
 
+def test_card_license_defaults_to_the_teachers_and_can_be_set(saved_models, imagefolder, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "licensed_teacher"
+    shutil.copytree(saved_models["teacher"], teacher)
+    (teacher / "README.md").write_text("---\nlicense: mit\n---\n# a teacher\n")
+    models = {**saved_models, "teacher": str(teacher)}
+    assert run_distill.main(tiny_run_args(models, imagefolder, tmp_path / "a", "--profile_images", "0")) == 0
+    assert card_metadata(tmp_path / "a")["license"] == "mit"
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["license"] == "mit"
+    assert run_distill.main(tiny_run_args(models, imagefolder, tmp_path / "b", "--profile_images", "0", "--license",
+                                          "apache-2.0")) == 0
+    assert card_metadata(tmp_path / "b")["license"] == "apache-2.0"
+    assert run_distill.main(tiny_run_args(saved_models, imagefolder, tmp_path / "c", "--profile_images", "0")) == 0
+    assert "license" not in card_metadata(tmp_path / "c")  # the teacher's card names none: nothing is made up
+
+
 def test_cli_push_uploads_a_finished_run_without_checkpoints(saved_models, imagefolder, tmp_path, capsys):
-    from test_recipe import tiny_run_args
 
     out = tmp_path / "out"
     assert run_distill.main(tiny_run_args(saved_models, imagefolder, out)) == 0
@@ -136,7 +153,6 @@ def test_demo_sized_student_loads_and_runs_in_a_pipeline(tmp_path):
 
 
 def test_token_never_appears_in_logs_or_files(saved_models, imagefolder, tmp_path, capsys, caplog, monkeypatch):
-    from test_recipe import tiny_run_args
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "out"

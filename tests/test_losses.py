@@ -12,6 +12,7 @@ from hf_spectralkd import distillation_loss, spectral_alignment_loss
 from hf_spectralkd.losses import (
     align_channels,
     classification_loss,
+    distillation_objective,
     hard_kd_loss,
     mse_alignment_loss,
     pool_channels,
@@ -108,10 +109,10 @@ PAIR_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(PAIR_CASES))
-@pytest.mark.parametrize("method", ["parseval", "fft"])
-def test_spectral_loss_matches_naive_reference(case, method):
+@pytest.mark.parametrize("implementation", ["closed_form", "rfft2"])
+def test_spectral_loss_matches_naive_reference(case, implementation):
     student, teacher = random_maps(1, PAIR_CASES[case])
-    got = spectral_alignment_loss(student, teacher, method=method)
+    got = spectral_alignment_loss(student, teacher, implementation=implementation)
     expected = naive_spectral_loss([s.numpy() for s in student], [t.numpy() for t in teacher])
     assert got.dtype == torch.float32 and got.dim() == 0
     assert got.item() == pytest.approx(expected, rel=1e-5)
@@ -219,13 +220,58 @@ def test_kd_terms_are_zero_when_student_equals_teacher_and_gradients_flow_to_stu
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize(
+    "distillation_type,alpha,feature_loss",
+    [("soft", 0.9, "fft"), ("hard", 0.5, "fft"), ("soft", 0.0, "mse"), ("none", 0.9, "fft"), ("soft", 1.0, "mse")],
+)
+def test_objective_total_and_components_match_naive_references(distillation_type, alpha, feature_loss):
+    generator = torch.Generator().manual_seed(11)
+    student = torch.randn(3, 6, generator=generator) * 2
+    teacher = torch.randn(3, 6, generator=generator) * 3
+    labels = torch.tensor([0, 5, 2])
+    student_maps, teacher_maps = random_maps(4, PAIR_CASES["wider_teacher_uneven"])
+    beta, temperature, smoothing = 0.3, 2.0, 0.1
+    got = distillation_objective(
+        student, labels, teacher, student_maps, teacher_maps, alpha=alpha, beta=beta, temperature=temperature,
+        distillation_type=distillation_type, feature_loss=feature_loss, label_smoothing=smoothing,
+    )
+    s_np, t_np, y_np = student.numpy(), teacher.numpy(), labels.numpy()
+    ce = naive_distillation(s_np, t_np, y_np, 0.0, temperature, "soft", smoothing)
+    if feature_loss == "fft":
+        feature = naive_spectral_loss([m.numpy() for m in student_maps], [m.numpy() for m in teacher_maps])
+    else:
+        feature = np.mean([
+            np.mean((naive_pool(a.numpy(), min(a.shape[1], b.shape[1])) - naive_pool(b.numpy(), min(a.shape[1], b.shape[1]))) ** 2)
+            for a, b in zip(student_maps, teacher_maps)
+        ])
+    if distillation_type == "none" or alpha == 0:
+        kd, logit_part = 0.0, ce
+    else:
+        logit_part = naive_distillation(s_np, t_np, y_np, alpha, temperature, distillation_type, smoothing)
+        kd = (logit_part - (1 - alpha) * ce) / alpha
+    assert got.ce.item() == pytest.approx(ce, rel=1e-5)
+    assert got.kd.item() == pytest.approx(kd, rel=1e-4, abs=1e-6)
+    assert got.feature.item() == pytest.approx(feature, rel=1e-5)
+    assert got.total.item() == pytest.approx(logit_part + beta * feature, rel=1e-5)
+
+
+def test_objective_without_teacher_or_maps_is_the_cross_entropy_at_full_weight():
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    got = distillation_objective(logits, labels, None, alpha=0.9, label_smoothing=0.0)
+    expected = -naive_log_softmax(logits.numpy())[np.arange(4), labels.numpy()].mean()
+    assert got.total.item() == pytest.approx(expected, rel=1e-5) and got.kd.item() == 0.0 and got.feature.item() == 0.0
+    with pytest.raises(ValueError, match="2 student and 1 teacher feature maps"):
+        distillation_objective(logits, labels, None, [torch.zeros(4, 2, 2, 2)] * 2, [torch.zeros(4, 2, 2, 2)])
+
+
 def test_distillation_loss_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind must be 'soft' or 'hard'"):
         distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), kind="medium")
 
 
 def test_fft_scale_is_between_paper_bounds_of_spatial_mse():
-    # METHOD.md §3.2: for 14×14 maps L_FFT lies between ~0.44× and ~0.88× the spatial MSE.
+    # The ortho rfft2 loss is a re-weighted spatial MSE: for 14×14 maps between 14/32 and 28/32 of it
+    # (docs/method.md#spectral-alignment-loss).
     student, teacher = random_maps(8, [(16, 16, 14, 14)])
     ratio = spectral_alignment_loss(student, teacher).item() / mse_alignment_loss(student, teacher).item()
     assert 14 / 32 - 1e-6 <= ratio <= 28 / 32 + 1e-6

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import run_distill
 import torch
+from helpers import streaming_args, tiny_run_args
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
@@ -22,22 +23,11 @@ from hf_spectralkd.data import (
     load_image_datasets,
 )
 from hf_spectralkd.data.demo import load_mnist_demo
+from hf_spectralkd.layer_map import build_layer_map
 from hf_spectralkd.models import load_model
-from hf_spectralkd.validation import build_layer_map
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
-
-
-def tiny_run_args(saved_models, dataset, output_dir, *extra):
-    return [
-        "--teacher", saved_models["teacher"], "--student", saved_models["student_config"], "--dataset", dataset,
-        "--output_dir", str(output_dir), "--max_steps", "4", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "2",
-        "--student_layers", "0", "2", "--teacher_layers", "0", "3", "--auto_augment", "none", "--reprob", "0",
-        "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "2", "--use_cpu", "true",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
-    ]
 
 
 def check_finished_run(output_dir: Path) -> dict:
@@ -77,13 +67,7 @@ def test_yaml_config_with_command_line_overrides(imagefolder, saved_models, tmp_
     assert same.beta == 0.3
 
 
-def streaming_args(saved_models, parquet_dataset, output_dir, *extra):
-    return tiny_run_args(
-        saved_models, parquet_dataset, output_dir, "--image_column", "img", "--label_column", "target",
-        "--streaming", "true", "--shuffle_buffer_size", "8", "--eval_strategy", "no", "--evaluate_teacher", "false", *extra,
-    )
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streaming_runs_with_max_steps_and_resumes_exactly(workers, parquet_dataset, saved_models, tmp_path):
     import shutil
@@ -153,7 +137,7 @@ def test_every_shipped_config_parses_and_resolves(config):
 
 def test_paper_configs_hold_the_paper_hyperparameters():
     _, _, deit = run_distill.parse_arguments([str(ROOT / "recipes/configs/deit_tiny_from_cait_s24.yaml"), "--use_cpu", "true"])
-    assert (deit.alpha, deit.beta, deit.temperature, deit.label_smoothing, deit.num_train_epochs) == (0.9, 0.2, 1.0, 0.1, 400)
+    assert (deit.alpha, deit.beta, deit.temperature, deit.label_smoothing_factor, deit.num_train_epochs) == (0.9, 0.2, 1.0, 0.1, 400)
     assert deit.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and deit.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
     _, _, swin = run_distill.parse_arguments([str(ROOT / "recipes/configs/swin_tiny_from_swin_small.yaml"), "--use_cpu", "true"])
     assert (swin.beta, swin.num_train_epochs, swin.student_layers, swin.teacher_layers) == (0.05, 500, [0, 1, 2, 3], [0, 1, 2, 3])

@@ -10,7 +10,7 @@ from helpers import SyntheticImageDataset, tiny_cait, tiny_swin, tiny_vit
 from transformers import AutoModelForImageClassification
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
-from hf_spectralkd.trainer import deit_lr_lambda
+from hf_spectralkd.optimization import deit_lr_lambda
 
 
 def make_config(tmp_path, **overrides) -> SpectralDistillationConfig:
@@ -230,22 +230,22 @@ def test_config_rejects_bad_hyperparameters(tmp_path, field, value, message):
 def test_layer_lists_accept_comma_strings_and_auto(tmp_path):
     args = make_config(tmp_path, student_layers=["0,2"], teacher_layers="1 3")
     assert args.student_layers == [0, 2] and args.teacher_layers == [1, 3]
-    auto = make_config(tmp_path, student_layers=None, teacher_layers=["auto"])
-    assert auto.teacher_layers == "auto" and auto.uses_features
+    auto = make_config(tmp_path, student_layers=None, teacher_layers=["auto"])  # the older spelling of layer_map="auto"
+    assert auto.layer_map == "auto" and auto.teacher_layers is None and auto.uses_features
 
 
 def test_auto_layer_map_from_teacher_profile(tmp_path):
-    args = make_config(tmp_path, student_layers=None, teacher_layers="auto", max_steps=1)
+    args = make_config(tmp_path, student_layers=None, teacher_layers=None, layer_map="auto", max_steps=1)
     trainer = SpectralDistillationTrainer(
         model=tiny_vit(), teacher_model=tiny_cait(), args=args, train_dataset=SyntheticImageDataset(16),
     )
     assert trainer.layer_map, "auto selection produced no pairs"
-    assert args.student_layers == [p.student for p in trainer.layer_map]
+    assert args.student_layers is None and args.teacher_layers is None  # the arguments are not rewritten
     assert all(0 <= p.teacher < 4 and 0 <= p.student < 3 for p in trainer.layer_map)
 
 
 # ------------------------------------------------------------------------------------------------
-# Optimizer details (METHOD.md §4.2)
+# Optimizer details (docs/method.md#training-recipe)
 # ------------------------------------------------------------------------------------------------
 def test_weight_decay_skips_vectors_embeddings_and_tokens(tmp_path):
     trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=tiny_cait(), args=make_config(tmp_path))
@@ -264,7 +264,7 @@ def test_deit_schedule_matches_formula(tmp_path):
     assert lr(2) == pytest.approx(1e-6 + 2 * (2e-3 - 1e-6) / 5)
     assert lr(6) == pytest.approx(1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * 6 / 300)))
     assert lr(300) == pytest.approx(1e-5)
-    # The learning rates logged by the Distillation Dynamics runs (METHOD.md §4.2), one step per epoch:
+    # The learning rates logged by the Distillation Dynamics runs, one step per epoch:
     assert lr(1) == pytest.approx(4.008e-4, rel=1e-4)  # epoch 2
     assert lr(5) == pytest.approx(1.99864e-3, rel=1e-5)  # epoch 6
     assert lr(298) == pytest.approx(1.0218e-5, rel=1e-4)  # epoch 299

@@ -19,7 +19,12 @@ from .measures import (
     token_entropy,
 )
 from .selection import LayerSelection, select_layers
-from .spectrum import ProfileAccumulator, SpectralProfile, channel_spectrum_sum, spectral_profile
+from .spectrum import (
+    ProfileAccumulator,
+    SpectralProfile,
+    channel_spectrum_sum,
+    spectral_profile,
+)
 
 __all__ = [
     "LayerSelection",

@@ -1,4 +1,4 @@
-"""The follow-up papers' layer measures (METHOD.md §2.2-2.5).
+"""The follow-up papers' layer measures (docs/method.md#analysis-measures).
 
 * :func:`token_entropy` / :func:`entropy_profile` — Shannon entropy of each token's channel values
   (Distillation Dynamics, arXiv 2511.06848), with one global histogram range for all layers.
@@ -21,8 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..features import extract_features, feature_forward_kwargs, unwrap_model
-from .spectrum import Batches, collect_feature_maps, iterate_pixel_batches, resolve_layers
+from ..features import extract_features, feature_forward_kwargs
+from ..utils import unwrap_model
+from .spectrum import (
+    Batches,
+    collect_feature_maps,
+    iterate_pixel_batches,
+    resolve_layers,
+)
 
 SVD_THRESHOLDS = (0.80, 0.90, 0.95, 0.99)
 SEP_THRESHOLDS = (50, 60, 70, 80, 90)

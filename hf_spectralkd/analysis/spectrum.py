@@ -1,4 +1,4 @@
-"""Channel spectrum ``S(X)`` and frequency intensity ``ℓ(X)`` per layer (SKD eqs. 1-5, METHOD.md §2.1).
+"""Channel spectrum ``S(X)`` and frequency intensity ``ℓ(X)`` per layer (SKD eqs. 1-5; docs/method.md#analysis-measures).
 
 For one layer's ``X ∈ R^{B×C×H×W}``:
 
@@ -22,7 +22,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..features import describe_taps, extract_features, feature_forward_kwargs, unwrap_model
+from ..features import describe_taps, extract_features, feature_forward_kwargs
+from ..utils import unwrap_model
 
 Batches = Union[torch.Tensor, Iterable[Any]]
 

@@ -1,11 +1,10 @@
-"""The ``hf-spectralkd`` command: analyse models, choose layers, push finished runs.
+"""The ``hf-spectralkd`` command: distil, analyse models, choose layers, push finished runs.
 
+    hf-spectralkd distill CONFIG.yaml [--option value ...]     (the recipe; --help lists its options)
     hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num-images 64] [--output-dir DIR]
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
     hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME [--private]
-
-Distillation itself runs through ``recipes/run_distill.py`` (``accelerate launch``).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ..errors import ConfigurationError
 from .common import exit_on_error
 
 
@@ -28,17 +28,17 @@ def _select_layers(options) -> int:
         profile = SpectralProfile.load(options.teacher_profile)
     else:
         if not options.teacher or not options.dataset:
-            raise ValueError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
+            raise ConfigurationError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
         loaded = load_model(options.teacher, argument="teacher", revision=options.revision, trust_remote_code=options.trust_remote_code)
         images, _ = load_images(options.dataset, options.split, options.num_images, "balanced")
         pixel_values = preprocess(images, loaded.model, options.teacher if loaded.kind == "pretrained" else None, options.revision)
         profile = spectral_profile(loaded.model.eval(), pixel_values, progress=True, model_name=options.teacher)
-    if options.student_layers is not None:
-        student_depth = options.student_layers
+    if options.student_depth is not None:
+        student_depth = options.student_depth
     elif options.student:
         student_depth = describe_taps(load_model(options.student, argument="student", from_scratch=True).model).num_layers
     else:
-        raise ValueError("select-layers: give --student (model or architecture) or --student-layers N")
+        raise ConfigurationError("select-layers: give --student (model or architecture) or --student-depth N")
     selection = select_layers(profile, student_depth, k=options.k)
     print(f"# {selection.rule}")
     print(f"# teacher ℓ per layer: [{', '.join(f'{v:.4g}' for v in profile.intensity)}]")
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    distill = commands.add_parser(
+        "distill", help="Distil a student (the training recipe): hf-spectralkd distill CONFIG.yaml [--option value ...].",
+        add_help=False,
+    )
+    distill.add_argument("recipe_arguments", nargs=argparse.REMAINDER, help="A config file and options (see `hf-spectralkd distill --help`).")
+
     analyze_parser = commands.add_parser("analyze", help="Spectral profile, entropy, magnitudes, SVD rank and SEP of a model, with plots.")
     analyze.add_arguments(analyze_parser)
     analyze_parser.set_defaults(handler=analyze.run)
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--teacher", help="Teacher: Hub id or local folder.")
     select.add_argument("--teacher-profile", help="Use this profile.json (from `analyze`) instead of running the teacher.")
     select.add_argument("--student", help="Student (model, config.json or architecture name) whose depth the map targets.")
-    select.add_argument("--student-layers", type=int, default=None, help="Number of student blocks, instead of --student.")
+    select.add_argument("--student-depth", type=int, default=None, help="Number of student blocks (Swin: stages), instead of --student.")
     select.add_argument("--dataset", help="Images to profile the teacher on (folder or dataset).")
     select.add_argument("--split", default="validation", help="Dataset split. Default: validation.")
     select.add_argument("--num-images", type=int, default=32, help="Images to profile the teacher on. Default: 32.")
@@ -113,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["distill"]:  # the recipe parses its own options (and configures its own logging)
+        from .distill import main as distill_main
+
+        return distill_main(argv[1:])
     options = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return options.handler(options)

@@ -16,11 +16,11 @@ from ..analysis import (
     SpectralProfile,
     compare_profiles,
     entropy_profile,
+    plots,
     spectral_energy_pattern,
     svd_energy_curves,
     svd_rank_summary,
 )
-from ..analysis import plots
 from ..analysis.measures import (
     SVD_THRESHOLDS,
     energy_ranks,
@@ -30,6 +30,7 @@ from ..analysis.measures import (
     mean_magnitude,
 )
 from ..analysis.spectrum import ProfileAccumulator, collect_feature_maps, resolve_layers
+from ..errors import ConfigurationError
 from ..features import describe_taps
 from ..models import load_model
 from .images import load_images, preprocess
@@ -94,7 +95,7 @@ def _one_pass_measures(model, batches: list[torch.Tensor], options):
 
 def run(options) -> int:
     if options.batch_size <= 0:
-        raise ValueError(f"batch-size: must be positive, got {options.batch_size}")
+        raise ConfigurationError(f"batch-size: must be positive, got {options.batch_size}")
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(options.model, argument="model", revision=options.revision, trust_remote_code=options.trust_remote_code)
     model = loaded.model.to(device).eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -12,82 +11,56 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from ..errors import ConfigurationError, RunFailedError
+
 logger = logging.getLogger(__name__)
 
-#: Exit codes: 2 = the input is wrong (fix the command), 1 = the run failed (see the message).
-EXIT_USAGE, EXIT_FAILURE = 2, 1
+#: Exit codes: 2 = the input is wrong (fix the command), 1 = the run failed (see the message),
+#: 130 = interrupted (Ctrl-C), as shells report it.
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class UsageError(ValueError):
-    """Bad input detected before any work starts; printed as one line, exit code 2."""
-
-
-def _yaml_value_to_args(key: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    flag = f"--{key}"
-    if isinstance(value, bool):
-        return [flag, "true" if value else "false"]
-    if isinstance(value, dict):
-        return [flag, json.dumps(value)]
-    if isinstance(value, (list, tuple)):
-        return [flag, *[str(v) for v in value]] if value else []
-    return [flag, str(value)]
-
-
-def read_config_file(path: str, _seen: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a YAML (or JSON) mapping of option → value, following ``base: other.yaml`` chains.
 
     A ``base`` file (relative to the including file) is read first and the including file's keys
     override it, so a variant of a recipe is its base plus the lines that differ.
     """
     file = Path(path)
-    seen = _seen or ()
-    if str(file.resolve()) in seen:
-        raise UsageError(f"config: '{path}' includes itself through 'base:'")
+    if str(file.resolve()) in _seen:
+        raise ConfigurationError(f"config: '{path}' includes itself through 'base:'")
     if not file.is_file():
-        raise UsageError(f"config: file '{path}' does not exist")
+        raise ConfigurationError(f"config: file '{path}' does not exist")
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise UsageError(f"config: '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigurationError(f"config: '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"config: '{path}' must hold a mapping of option: value, got {type(data).__name__}")
+        raise ConfigurationError(f"config: '{path}' must hold a mapping of option: value, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = read_config_file(str(file.parent / base), seen + (str(file.resolve()),))
+    merged = read_config_file(str(file.parent / base), _seen + (str(file.resolve()),))
     merged.update(data)
     return merged
 
 
-def config_file_to_argv(path: str) -> list[str]:
-    """Turn a config file into command-line arguments.
-
-    Lists become repeated values (``--student_layers 0 1 6``), booleans ``true``/``false`` and
-    mappings JSON strings, so that options given after them on the command line override them.
-    """
-    argv: list[str] = []
-    for key, value in read_config_file(path).items():
-        argv.extend(_yaml_value_to_args(str(key), value))
-    return argv
-
-
-def expand_config_argument(argv: Sequence[str]) -> list[str]:
-    """``[CONFIG.yaml] [--config CONFIG.yaml] [overrides...]`` → a flat argument list, config first."""
+def split_config_argument(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """``[CONFIG.yaml] [--config CONFIG.yaml] [options...]`` → ``(config path or None, options)``."""
     argv = list(argv)
     config_path: Optional[str] = None
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         config_path = argv.pop(0)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
-            raise UsageError("config: --config needs a file path")
+            raise ConfigurationError("config: --config needs a file path")
         if config_path is not None:
-            raise UsageError("config: give the config file either first or with --config, not both")
+            raise ConfigurationError("config: give the config file either first or with --config, not both")
         config_path = argv[index + 1]
         del argv[index : index + 2]
-    return (config_file_to_argv(config_path) if config_path else []) + argv
+    return config_path, argv
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: str = "output_dir") -> None:
@@ -97,13 +70,13 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: st
     while not probe_dir.exists() and probe_dir.parent != probe_dir:
         probe_dir = probe_dir.parent
     if probe_dir.exists() and not probe_dir.is_dir():
-        raise UsageError(f"{argument}: '{output_dir}' is inside a file ('{probe_dir}'), not a folder")
+        raise ConfigurationError(f"{argument}: '{output_dir}' is inside a file ('{probe_dir}'), not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UsageError(f"{argument}: '{output_dir}' is not writable (no write permission on '{probe_dir}')")
+        raise ConfigurationError(f"{argument}: '{output_dir}' is not writable (no write permission on '{probe_dir}')")
     if path.is_dir() and not overwrite and not resume:
         previous = sorted(p.name for p in path.iterdir() if p.name.startswith("checkpoint-") or p.name == "trainer_state.json")
         if previous:
-            raise UsageError(
+            raise ConfigurationError(
                 f"{argument}: '{output_dir}' already holds a run ({', '.join(previous[:3])}); pass "
                 "--resume_from_checkpoint true to continue it, --overwrite_output_dir true to start over, or choose "
                 "another --output_dir"
@@ -111,13 +84,13 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: st
 
 
 def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
-    """Run ``main`` and turn expected failures into one line on stderr and an exit code.
+    """Run ``main`` and turn the library's reported failures into one line on stderr and an exit code.
 
-    Input errors (``ValueError``, ``TypeError``, missing files, permissions) exit with 2; a failed run
-    (non-finite loss) with 1. Other exceptions keep their traceback: they are bugs. Set
-    ``HF_SPECTRALKD_DEBUG=1`` to see the traceback of the expected ones too.
+    :class:`~hf_spectralkd.errors.ConfigurationError` (bad input) exits with 2,
+    :class:`~hf_spectralkd.errors.RunFailedError` (a non-finite loss, a checkpoint that could not be
+    written) with 1, Ctrl-C with 130. Any other exception is a bug and keeps its traceback. Set
+    ``HF_SPECTRALKD_DEBUG=1`` to see the traceback of the reported ones too.
     """
-    from ..trainer import NonFiniteLossError
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int:
@@ -125,14 +98,15 @@ def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
             return main(*args, **kwargs)
         try:
             return main(*args, **kwargs)
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_FAILURE
-        except (ValueError, TypeError, FileNotFoundError, PermissionError) as error:
+        except ConfigurationError as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
+        except RunFailedError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_FAILURE
         except KeyboardInterrupt:
-            print("interrupted: checkpoints written so far are complete; resume with --resume_from_checkpoint true", file=sys.stderr)
-            return 130
+            print("interrupted: checkpoints written so far are complete; resume with --resume_from_checkpoint true",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
 
     return wrapper

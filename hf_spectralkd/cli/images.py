@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ..data import DataArguments, decode_image, open_image_datasets
+from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,9 @@ def load_images(
 ) -> tuple[list[Image.Image], list[str]]:
     """``num_images`` RGB images and their identifiers from a folder or a dataset."""
     if num_images <= 0:
-        raise ValueError(f"num-images: must be positive, got {num_images}")
+        raise ConfigurationError(f"num-images: must be positive, got {num_images}")
     if sample not in ("balanced", "first"):
-        raise ValueError(f"sample: expected 'balanced' or 'first', got {sample!r}")
+        raise ConfigurationError(f"sample: expected 'balanced' or 'first', got {sample!r}")
     root = Path(dataset).expanduser()
     has_splits = root.is_dir() and any((root / name).is_dir() for name in (split, "train", "validation", "test"))
     if root.exists() and not has_splits and _is_plain_image_folder(root) and not any(root.rglob("*.parquet")):
@@ -100,7 +101,7 @@ def load_images(
         data_args = DataArguments(dataset=dataset, image_column=image_column, label_column=label_column, streaming=streaming)
         images, used = images_from_dataset(data_args, split, num_images, sample)
     if not images:
-        raise ValueError(f"dataset: no decodable image found in '{dataset}'")
+        raise ConfigurationError(f"dataset: no decodable image found in '{dataset}'")
     return images, used
 
 

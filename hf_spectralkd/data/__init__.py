@@ -24,12 +24,20 @@ Modules: ``arguments`` (options), ``transforms`` (decoding, timm transforms, see
 (opening datasets, map-style wrapper, collator), ``streaming``, ``demo`` (the offline digits).
 """
 
-from .arguments import DEMO_DATASET, IMAGENET_MEAN, IMAGENET_STD, KNOWN_TRAIN_SIZES, DataArguments
+from .arguments import (
+    DEMO_DATASET,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KNOWN_TRAIN_SIZES,
+    DataArguments,
+)
 from .sources import (
+    DatasetEpochCallback,
     ImageClassificationCollator,
     ImageDatasets,
     RawImageDatasets,
     TransformedImageDataset,
+    first_images,
     load_image_datasets,
     open_image_datasets,
     prepare_image_datasets,
@@ -52,6 +60,7 @@ __all__ = [
     "IMAGENET_STD",
     "KNOWN_TRAIN_SIZES",
     "DataArguments",
+    "DatasetEpochCallback",
     "ImageClassificationCollator",
     "ImageDatasets",
     "RawImageDatasets",
@@ -62,6 +71,7 @@ __all__ = [
     "build_mixup",
     "build_train_transform",
     "decode_image",
+    "first_images",
     "load_image_datasets",
     "open_image_datasets",
     "prepare_image_datasets",

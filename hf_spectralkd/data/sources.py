@@ -10,10 +10,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from transformers import TrainerCallback
 
+from ..errors import ConfigurationError
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
 from .streaming import FAST_FORWARD, ResumableImageStream
-from .transforms import build_eval_transform, build_mixup, build_train_transform, sample_seed, seeded_rngs, transform_row
+from .transforms import (
+    build_eval_transform,
+    build_mixup,
+    build_train_transform,
+    sample_seed,
+    seeded_rngs,
+    transform_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,38 @@ class ImageClassificationCollator:
         return {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped}
 
 
+class DatasetEpochCallback(TrainerCallback):
+    """Tell the training dataset which epoch starts, also on a resumed run.
+
+    Augmentation (map-style) and stream order (streaming) depend on the epoch. accelerate forwards
+    ``set_epoch`` to the dataset, except through the loader that skips the already-seen batches of a
+    resumed epoch, which would replay that epoch with epoch 0's randomness.
+
+    Args:
+        get_dataset: returns the current training dataset (the trainer's ``train_dataset``).
+    """
+
+    def __init__(self, get_dataset: Callable[[], Any]):
+        self.get_dataset = get_dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.get_dataset()
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
+
+
+def first_images(dataset, count: int) -> Optional[torch.Tensor]:
+    """The first ``count`` images of a dataset of samples, stacked as ``N×3×H×W`` (no mixup), or ``None``.
+
+    The fixed batch of analyses (spectral profiles, ``layer_map="auto"``): on an evaluation set its
+    transform is deterministic, so the same images every time.
+    """
+    if dataset is None or count <= 0:
+        return None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=count, collate_fn=ImageClassificationCollator())
+    return next(iter(loader))["pixel_values"]
+
+
 @dataclass
 class ImageDatasets:
     """What :func:`load_image_datasets` returns."""
@@ -112,7 +153,7 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
 
         raw = load_mnist_demo()
         if split not in raw:
-            raise ValueError(f"eval_split/train_split: '{split}' is not a split of {DEMO_DATASET} (train, test)")
+            raise ConfigurationError(f"eval_split/train_split: '{split}' is not a split of {DEMO_DATASET} (train, test)")
         ds = raw[split]
         return ds.to_iterable_dataset(num_shards=4) if streaming else ds
     root = Path(os.path.expanduser(args.dataset))
@@ -151,7 +192,7 @@ def _check_columns(ds, args: DataArguments) -> None:
     columns = list(ds.column_names or (ds.features or {}).keys())
     for argument, column in (("image_column", args.image_column), ("label_column", args.label_column)):
         if columns and column not in columns:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{argument}: column '{column}' is not in dataset '{args.dataset}'; its columns are {columns} "
                 f"(pass --{argument} with the right name)"
             )
@@ -166,7 +207,7 @@ def _label_names(ds, args: DataArguments) -> dict[int, str]:
     if isinstance(ds, datasets.Dataset):
         values = sorted(set(int(v) for v in ds[args.label_column]))
         return {i: str(i) for i in range(values[-1] + 1)}
-    raise ValueError(
+    raise ConfigurationError(
         f"label_column: '{args.label_column}' of the streamed dataset '{args.dataset}' has no class names "
         "(not a ClassLabel); stream a dataset whose label column is a ClassLabel, or load it without --streaming"
     )
@@ -196,9 +237,9 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
         splits = _available_splits(args)
         if splits is not None and args.train_split not in splits:
-            raise ValueError(f"train_split: '{args.train_split}' is not a split of '{args.dataset}'; splits: {splits}") from error
+            raise ConfigurationError(f"train_split: '{args.train_split}' is not a split of '{args.dataset}'; splits: {splits}") from error
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
+        raise ConfigurationError(
             f"dataset: cannot load '{args.dataset}': {reason}. Expected a Hub dataset id (set HF_TOKEN for gated "
             f"ones such as ILSVRC/imagenet-1k), a local imagefolder or parquet folder, or '{DEMO_DATASET}'"
         ) from error

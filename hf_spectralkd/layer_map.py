@@ -1,17 +1,27 @@
-"""Checks that run before the first training step, from the models' configs alone.
+"""The layer map: which student tap is distilled from which teacher tap, checked before training.
 
-Each check raises ``ValueError`` with a message that names the argument, the value it got and what
-was expected, so the recipe and the CLI can print it as one line.
+:func:`resolve_layer_map` is the one place a map is made, for the recipe and the Python API alike:
+from the explicit ``student_layers``/``teacher_layers`` lists (``layer_map="manual"``) or from the
+teacher's spectral profile on a batch of images (``layer_map="auto"``,
+:func:`hf_spectralkd.analysis.select_layers`). Every check works from the models' configs alone and
+raises :class:`~hf_spectralkd.errors.ConfigurationError` naming the argument, the value and what was
+expected, so the recipe and the CLI print it as one line.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
-from .features import TapInfo, describe_taps, unwrap_model
+from .errors import ConfigurationError
+from .features import TapInfo, describe_taps
+from .utils import unwrap_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,7 +47,7 @@ def check_layer_indices(layers: Sequence[int], taps: TapInfo, argument: str) -> 
     for layer in layers:
         if not 0 <= layer < taps.num_layers:
             unit = "stages" if taps.family == "swin" else "blocks"
-            raise ValueError(
+            raise ConfigurationError(
                 f"{argument}: index {layer} is out of range; the {taps.family} model has {taps.num_layers} "
                 f"{unit}, so indices must be in [0, {taps.num_layers - 1}] (0-based)"
             )
@@ -48,11 +58,11 @@ def build_layer_map(
 ) -> list[LayerPair]:
     """Validate a student↔teacher layer map and return its pairs with shapes.
 
-    Raises ``ValueError`` for: unsupported model families, lists of different lengths, indices out of
+    Raises ``ConfigurationError`` for: unsupported model families, lists of different lengths, indices out of
     range, different input image sizes, and pairs whose spatial sizes differ.
     """
     if len(student_layers) != len(teacher_layers):
-        raise ValueError(
+        raise ConfigurationError(
             f"student_layers and teacher_layers must have the same length: got {list(student_layers)} "
             f"({len(student_layers)}) and {list(teacher_layers)} ({len(teacher_layers)})"
         )
@@ -60,7 +70,7 @@ def build_layer_map(
     check_layer_indices(student_layers, student_taps, "student_layers")
     check_layer_indices(teacher_layers, teacher_taps, "teacher_layers")
     if student_taps.image_size != teacher_taps.image_size:
-        raise ValueError(
+        raise ConfigurationError(
             f"student and teacher expect different input sizes: student {student_taps.image_size}, teacher "
             f"{teacher_taps.image_size}; both see the same pixel_values, so use models configured for one size"
         )
@@ -68,13 +78,39 @@ def build_layer_map(
     for s, t in zip(student_layers, teacher_layers):
         pair = LayerPair(s, t, student_taps.shape(s), teacher_taps.shape(t))
         if pair.student_shape[1:] != pair.teacher_shape[1:]:
-            raise ValueError(
+            raise ConfigurationError(
                 f"student_layers/teacher_layers: student layer {s} is {pair.student_shape[1]}×{pair.student_shape[2]} "
                 f"but teacher layer {t} is {pair.teacher_shape[1]}×{pair.teacher_shape[2]} (H×W); paired layers "
                 "must have the same spatial size"
             )
         pairs.append(pair)
     return pairs
+
+
+def resolve_layer_map(
+    student: nn.Module, teacher: Optional[nn.Module], args, pixel_values: Optional[torch.Tensor] = None
+) -> list[LayerPair]:
+    """The checked layer map of a run configured by ``args`` (a ``SpectralDistillationConfig``).
+
+    ``args.layer_map == "manual"``: the pairs of ``args.student_layers``/``args.teacher_layers``.
+    ``"auto"``: the teacher is profiled on ``pixel_values`` (``N×3×H×W``, e.g. 32 evaluation images)
+    and :func:`~hf_spectralkd.analysis.select_layers` chooses both lists. Empty when the run has no
+    feature loss. ``args`` is not modified.
+    """
+    if not args.uses_features:
+        return []
+    if args.layer_map == "manual":
+        return build_layer_map(student, teacher, args.student_layers, args.teacher_layers)
+    from .analysis import select_layers, spectral_profile
+
+    if pixel_values is None:
+        raise ConfigurationError("layer_map: 'auto' needs images to profile the teacher on (a train or eval dataset)")
+    describe_taps(teacher)  # an unsupported teacher fails here with the family message, before any forward
+    device = next(unwrap_model(teacher).parameters()).device
+    profile = spectral_profile(unwrap_model(teacher), pixel_values.to(device))
+    selection = select_layers(profile, describe_taps(student).num_layers)
+    logger.info("layer_map='auto': %s (%s)", selection.as_arguments(), selection.rule)
+    return build_layer_map(student, teacher, selection.student_layers, selection.teacher_layers)
 
 
 def num_labels(model: nn.Module) -> Optional[int]:
@@ -85,7 +121,7 @@ def check_num_labels(student: nn.Module, teacher: nn.Module) -> None:
     """Logit distillation compares class distributions, so both heads must have the same classes."""
     n_student, n_teacher = num_labels(student), num_labels(teacher)
     if n_student is not None and n_teacher is not None and n_student != n_teacher:
-        raise ValueError(
+        raise ConfigurationError(
             f"teacher and student have different numbers of classes: teacher {n_teacher}, student {n_student}; "
             "logit distillation needs the same label set (build the student with the teacher's id2label, or use "
             "distillation_type='none' for feature-only distillation)"

@@ -1,0 +1,299 @@
+"""Checkpoints that are complete or absent, reloads that restore the weights, one run per folder.
+
+* :class:`AtomicCheckpointMixin` (mixed into the trainer): every ``checkpoint-N`` is written into
+  ``<output_dir>/.checkpoint-staging/`` and renamed into place after its files are flushed, so a
+  crash, a kill or a full disk mid-save never leaves a ``checkpoint-N`` that resume would trust. A
+  failed write stops the run with :class:`~hf_spectralkd.errors.CheckpointSaveError` naming the
+  folder, the cause and the last complete checkpoint.
+* Reloads go through ``from_pretrained``: transformers 5.23 restores ViT-family checkpoints with a
+  raw ``load_state_dict`` whose keys (the in-memory names) do not match the saved ones (the Hub
+  names), so a resumed run silently restarts from its initial weights
+  (huggingface/transformers#48805). ``from_pretrained`` converts the keys.
+* :class:`OutputDirLock`: a lock file in ``output_dir`` holding the owner's pid and host, kept
+  fresh by a heartbeat, so a second run started on the same folder stops at once while the lock of
+  a run that died is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    get_last_checkpoint,
+    rotate_checkpoints,
+)
+
+from .errors import CheckpointSaveError, OutputDirLockedError
+from .utils import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".checkpoint-staging"
+LOCK_FILE = ".hf_spectralkd.lock"
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic checkpoints
+# --------------------------------------------------------------------------------------------------
+class AtomicCheckpointMixin:
+    """``transformers.Trainer`` mixin: atomic ``checkpoint-N`` folders and key-converting reloads."""
+
+    _staging_root: Optional[str] = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """Write ``checkpoint-N`` into the staging folder, flush it, then rename it into place."""
+        run_dir = super()._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        failure: Optional[OSError] = None
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as error:  # full disk, lost mount, quota: report it, keep what is complete
+            failure = error
+        finally:
+            self._staging_root = None
+        if self.args.should_save and failure is None:
+            try:
+                publish_staged_folder(staged, final)
+            except OSError as error:
+                failure = error
+        self._raise_if_any_process_failed(failure, final, staging_root)
+        self.accelerator.wait_for_everyone()
+        value = self.state.best_model_checkpoint
+        if value and value.startswith(staging_root):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(value))
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _raise_if_any_process_failed(self, failure: Optional[OSError], final: str, staging_root: str) -> None:
+        failed = failure is not None
+        if self.accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor(float(failed), device=self.args.device)
+            failed = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        if not failed:
+            return
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # give the space of the partial copy back
+        run_dir = os.path.dirname(final)
+        last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        cause = f"{failure}" if failure is not None else "the save failed on another process"
+        kept = f"{os.path.basename(last)} is the last complete checkpoint" if last else "no complete checkpoint exists yet"
+        raise CheckpointSaveError(
+            f"checkpoint: could not write {os.path.basename(final)} in '{run_dir}': {cause}; {kept}. Free space and "
+            "resume with --resume_from_checkpoint true"
+        ) from failure
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_weights_from_folder(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(best):
+            return super()._load_best_model()
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        load_weights_from_folder(self.model, best)
+
+
+def publish_staged_folder(staged: str, final: str) -> None:
+    """Flush every file of ``staged`` to disk, then rename it to ``final`` (replacing an older copy)."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    _fsync_tree(staged)
+    os.replace(staged, final)
+    _fsync_dir(os.path.dirname(final))
+    shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
+
+
+def _single_file_checkpoint(folder: Optional[str]) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "model.safetensors"))
+
+
+def load_weights_from_folder(model: nn.Module, folder: str) -> None:
+    """Copy the weights saved in ``folder`` (``save_pretrained`` layout) into ``model``, strictly."""
+    target = unwrap_model(model)
+    reloaded = type(target).from_pretrained(folder, config=target.config)
+    target.load_state_dict(reloaded.state_dict(), strict=True)
+    del reloaded
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    # Without the flush, a power loss after the rename can leave a complete-looking folder whose
+    # files are empty: the rename reaches the disk before the data on common filesystems.
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb+") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per output folder
+# --------------------------------------------------------------------------------------------------
+class OutputDirLock:
+    """An exclusive, self-expiring lock on a run folder.
+
+    The lock file records ``{"pid", "host", "started", "heartbeat"}``; a daemon thread rewrites the
+    heartbeat every ``heartbeat_s`` seconds. A lock is stale, and is taken over with a warning, when
+    its owner is a dead process on this host, or when its heartbeat is older than ``stale_after_s``
+    (an owner on another host that stopped without cleaning up).
+
+    Use as a context manager or call :meth:`acquire` / :meth:`release`. Re-entrant within a process.
+    """
+
+    def __init__(self, output_dir: str, heartbeat_s: float = 30.0, stale_after_s: float = 300.0):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._held = False
+        self._created = False  # this instance wrote the file (a re-entrant holder must not delete it)
+
+    def _record(self) -> dict:
+        now = time.time()
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": now, "heartbeat": now}
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable or half written: judged by its age below
+
+    def _is_stale(self, owner: dict) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            return not _process_alive(owner["pid"])
+        return age > self.stale_after_s
+
+    def acquire(self) -> "OutputDirLock":
+        if self._held:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._read()
+                if owner is None:
+                    continue  # released meanwhile
+                if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                    self._held = True  # this process already holds it (recipe, then Trainer.train)
+                    return self
+                if not self._is_stale(owner):
+                    raise OutputDirLockedError(
+                        f"output_dir: '{self.path.parent}' is in use by another run (pid {owner.get('pid')} on "
+                        f"{owner.get('host')}); wait for it to finish or choose another --output_dir"
+                    ) from None
+                logger.warning("taking over the stale lock of a run that is gone (pid %s on %s) in %s",
+                               owner.get("pid"), owner.get("host"), self.path.parent)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self._record(), handle)
+            self._held = self._created = True
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name="output-dir-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise OutputDirLockedError(f"output_dir: could not lock '{self.path.parent}' (the lock file keeps changing)")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        if not self._created:
+            return
+        self._created = False
+        self._stop.set()
+        owner = self._read()
+        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "OutputDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def acquire_run_lock(accelerator, output_dir: str) -> Optional[OutputDirLock]:
+    """Lock ``output_dir`` on the main process; every process raises if another run holds it.
+
+    Returns the lock (main process) or ``None`` (other processes); release it when the run ends.
+    """
+    lock, message = None, ""
+    if accelerator.is_main_process:
+        try:
+            lock = OutputDirLock(output_dir).acquire()
+        except OutputDirLockedError as error:
+            message = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [message]
+        broadcast_object_list(shared, from_process=0)
+        message = shared[0]
+    if message:
+        raise OutputDirLockedError(message)
+    return lock

@@ -1,0 +1,41 @@
+"""The recipe with one fault injected, chosen by the environment (tests/test_faults.py launches it).
+
+HF_SPECTRALKD_TEST_FAULT:
+  kill_before_rename:N   SIGKILL this process after checkpoint-N is written and flushed, before its rename
+  hang_in_eval:MARKER    at the first evaluation, create MARKER and wait (for the test's Ctrl-C)
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hf_spectralkd.checkpointing as checkpointing
+from hf_spectralkd.cli.distill import main
+from hf_spectralkd.trainer import SpectralDistillationTrainer
+
+fault, _, value = os.environ["HF_SPECTRALKD_TEST_FAULT"].partition(":")
+
+if fault == "kill_before_rename":
+    flush = checkpointing._fsync_tree
+
+    def flush_then_die(root):
+        flush(root)
+        if os.path.basename(root) == f"checkpoint-{value}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpointing._fsync_tree = flush_then_die
+elif fault == "hang_in_eval":
+    evaluate = SpectralDistillationTrainer.evaluation_loop
+
+    def hang(self, *args, **kwargs):
+        Path(value).touch()
+        time.sleep(120)
+        return evaluate(self, *args, **kwargs)
+
+    SpectralDistillationTrainer.evaluation_loop = hang
+else:
+    raise SystemExit(f"unknown fault {fault!r}")
+
+sys.exit(main())
