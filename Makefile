@@ -1,5 +1,6 @@
 # hf_spectralkd: every target creates the virtual environment first if it is missing.
 #   make demo      offline SpectralKD demo on MNIST digits (2 CPU cores, a few minutes)
+#   make demo STUDENT=widelast  (or make demo-widelast) the same demo with a WideLast student
 #   make test      the test suite (offline)
 #   make dynamics  SpectralKD vs no-KD student: whose spectral profile is closer to the teacher's
 #   make bench     training-step and data-pipeline benchmarks (see bench/README.md)
@@ -11,8 +12,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# make demo STUDENT=widelast: the demo with the WideLast student (last block widened to the teacher's width)
+STUDENT ?= vit
+DEMO_CONFIG_vit      := recipes/configs/demo.yaml
+DEMO_CONFIG_widelast := recipes/configs/demo_widelast.yaml
+DEMO_CONFIG = $(or $(DEMO_CONFIG_$(STUDENT)),$(error STUDENT=$(STUDENT): expected vit or widelast))
 
-.PHONY: install demo test test-fast lint dynamics bench clean
+.PHONY: install demo demo-widelast test test-fast lint dynamics bench clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +31,10 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(OFFLINE) $(PY) recipes/run_distill.py recipes/configs/demo.yaml
+	$(OFFLINE) $(PY) recipes/run_distill.py $(DEMO_CONFIG)
+
+demo-widelast: $(STAMP)
+	$(OFFLINE) $(PY) recipes/run_distill.py $(DEMO_CONFIG_widelast)
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q tests

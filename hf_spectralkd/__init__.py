@@ -4,8 +4,12 @@ Public API::
 
     from hf_spectralkd import SpectralDistillationTrainer, SpectralDistillationConfig
     from hf_spectralkd import distillation_objective, spectral_alignment_loss, distillation_loss
+
+Importing the package registers the Lift and WideLast students (``hf_spectralkd.students``) with
+transformers' ``AutoConfig`` and ``AutoModelForImageClassification``.
 """
 
+from . import students  # noqa: F401  (registers the students with the Auto classes)
 from .config import SpectralDistillationConfig
 from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError
 from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss

@@ -23,6 +23,12 @@ family                    tap ``i`` (0-based)
                           ``forward_intermediates`` returns NCHW maps, prefix tokens removed. For
                           CaiT these are the self-attention blocks; class-attention blocks are
                           never features.
+``lift_vit``              taps ``0 … L-2``: as ``vit`` (width C). Tap ``L-1``: the *lifted* patch
+                          tokens ``outputs.lifted_tokens`` (``B×N×C_t`` → ``B×C_t×H×W``), the map
+                          Lift distils and classifies; the raw last block output (width C) only
+                          feeds the lift and is not a tap
+``widelast_vit``          as ``vit``; tap ``L-1`` is the wide block's output (``B×C_w×H×W``), taps
+                          ``0 … L-2`` are width C
 ========================  =====================================================================
 
 Cost: for the HF families every block output is kept anyway for backward, so asking for hidden
@@ -43,13 +49,16 @@ from torch import nn
 from .errors import ConfigurationError
 from .utils import unwrap_model
 
-SUPPORTED_FAMILIES = ("vit", "deit", "swin", "timm_wrapper")
+SUPPORTED_FAMILIES = ("vit", "deit", "swin", "timm_wrapper", "lift_vit", "widelast_vit")
 _FAMILY_HELP = (
     "ViT (ViTForImageClassification), DeiT (DeiTForImageClassification), Swin (SwinForImageClassification) "
     "and timm models with `forward_intermediates` loaded through transformers' TimmWrapperForImageClassification "
-    "(e.g. CaiT: AutoModelForImageClassification.from_pretrained('timm/cait_s24_224.fb_dist_in1k'))"
+    "(e.g. CaiT: AutoModelForImageClassification.from_pretrained('timm/cait_s24_224.fb_dist_in1k')), "
+    "and the Lift and WideLast students of hf_spectralkd.students"
 )
-_NUM_PREFIX_TOKENS = {"vit": 1, "deit": 2}
+_NUM_PREFIX_TOKENS = {"vit": 1, "deit": 2, "lift_vit": 1, "widelast_vit": 1}
+#: Families whose last tap is wider than the blocks before it: family → config field of its width.
+_WIDE_LAST_TAP = {"lift_vit": "lift_size", "widelast_vit": "wide_hidden_size"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,12 @@ def describe_taps(model: nn.Module) -> TapInfo:
         grid = (image_size[0] // patch[0], image_size[1] // patch[1])
         n = config.num_hidden_layers
         return TapInfo(family, n, (config.hidden_size,) * n, (grid,) * n, image_size)
+    if family in _WIDE_LAST_TAP:
+        image_size, patch = _pair(config.image_size), _pair(config.patch_size)
+        grid = (image_size[0] // patch[0], image_size[1] // patch[1])
+        n = config.num_hidden_layers
+        channels = (config.hidden_size,) * (n - 1) + (int(getattr(config, _WIDE_LAST_TAP[family])),)
+        return TapInfo(family, n, channels, (grid,) * n, image_size)
     if family == "swin":
         image_size, patch = _pair(config.image_size), _pair(config.patch_size)
         n = len(config.depths)
@@ -138,6 +153,8 @@ def feature_forward_kwargs(model: nn.Module, layers: Sequence[int]) -> dict[str,
         return {"output_hidden_states": sorted(set(int(i) for i in layers))}
     if family == "swin":
         return {"output_hidden_states": True, "output_hidden_states_before_downsampling": True}
+    if family in _WIDE_LAST_TAP:  # the students return every block output (references) and Lift's lifted tokens
+        return {"output_hidden_states": True}
     return {"output_hidden_states": True}
 
 
@@ -192,11 +209,24 @@ def extract_features(
         if maps is None:
             raise ValueError("outputs carry no reshaped_hidden_states; run the forward with feature_forward_kwargs")
         return [maps[int(i) + 1] for i in layers]
+    if family == "lift_vit":
+        return _lift_features(model, outputs, layers, grid)
     hidden = outputs.hidden_states
     if hidden is None:
         raise ValueError("outputs carry no hidden_states; run the forward with output_hidden_states=True")
     prefix = _NUM_PREFIX_TOKENS[family]
     return [tokens_to_grid(hidden[int(i) + 1], prefix, grid) for i in layers]
+
+
+def _lift_features(model: nn.Module, outputs: Any, layers: Sequence[int], grid: tuple[int, int] | None) -> list[torch.Tensor]:
+    """Lift taps: blocks ``0 … L-2`` from ``hidden_states`` (CLS dropped), block ``L-1`` = the lifted tokens."""
+    last = unwrap_model(model).config.num_hidden_layers - 1
+    if outputs.hidden_states is None or getattr(outputs, "lifted_tokens", None) is None:
+        raise ValueError("outputs carry no hidden_states/lifted_tokens; run the forward with output_hidden_states=True")
+    return [
+        tokens_to_grid(outputs.lifted_tokens, 0, grid) if int(i) == last else tokens_to_grid(outputs.hidden_states[int(i) + 1], 1, grid)
+        for i in layers
+    ]
 
 
 def forward_with_features(

@@ -16,6 +16,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .errors import ConfigurationError
+from .students import CUSTOM_CODE_MODEL_TYPES
 from .summary import RunSummary
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def build_model_card(
         eval_split=f"the `{summary.eval_split}` split of `{summary.dataset}`" if summary.eval_split else "no split",
         has_profile_plot=has_profile_plot,
         profile_plot=PROFILE_PLOT,
+        custom_code=summary.student_model_type in CUSTOM_CODE_MODEL_TYPES,
         repo=model_id or REPO_PLACEHOLDER,
     )
 

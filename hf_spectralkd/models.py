@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from .errors import ConfigurationError
+from .students.presets import deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,17 @@ ARCHITECTURE_PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
     "cait_s24_224": lambda: TimmWrapperConfig(architecture="cait_s24_224"),
     "demo_vit_teacher": _demo_vit(64, 6, 4),
     "demo_vit_student": _demo_vit(32, 4, 2),
+    # Students that fix the encoding mismatch (hf_spectralkd/students): the last tap has the teacher's width.
+    "deit_tiny_lift384": deit_tiny_lift(384),
+    "deit_tiny_widelast384": deit_tiny_widelast(384),
+    "deit_tiny_uniform219": _deit(219, 3),  # UniformWide: the parameter-matched control of WideLast
+    "demo_widelast_student": demo_widelast,
+}
+
+#: Presets whose reference initialisation differs from what their transformers class does (applied
+#: once after construction; Lift and WideLast initialise themselves in their ``_init_weights``).
+PRESET_INITIALIZERS: dict[str, Callable[[PreTrainedModel], Any]] = {
+    "deit_tiny_uniform219": timm_vit_init_,
 }
 
 
@@ -122,7 +135,11 @@ def _resolved_revision(model: PreTrainedModel) -> Optional[str]:
 
 
 def _friendly_load_error(argument: str, value: str, error: Exception) -> ModelLoadError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, StrictDataclassError) and len(lines) > 1:
+        # A config field that fails validation: the first line only names the validator; the last holds the cause.
+        lines = [lines[-1].split(": ", 1)[-1] if lines[-1].startswith(("ValueError", "TypeError")) else lines[-1]]
+    reason = lines[0] if lines else type(error).__name__
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     hint = (
         "It is not a local folder; as a Hub id it is not in the local cache and HF_HUB_OFFLINE is set."
@@ -167,6 +184,8 @@ def load_model(
         if name_or_path in ARCHITECTURE_PRESETS and not path.exists():
             config = _apply_labels(ARCHITECTURE_PRESETS[name_or_path](), id2label)
             model = AutoModelForImageClassification.from_config(config, **model_kwargs)
+            if name_or_path in PRESET_INITIALIZERS:
+                PRESET_INITIALIZERS[name_or_path](model)
             return LoadedModel(model, name_or_path, "scratch")
         if path.is_file():
             if path.suffix != ".json":
@@ -190,7 +209,7 @@ def load_model(
         )
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, StrictDataclassError) as error:
         raise _friendly_load_error(argument, name_or_path, error) from error
     return LoadedModel(model, name_or_path, "pretrained", revision=_resolved_revision(model) or revision)
 

@@ -56,6 +56,7 @@ class RunSummary:
     student_architecture: str
     student_parameters: int
     num_classes: Optional[int]
+    student_model_type: Optional[str] = None  # config.model_type: the card's usage notes depend on it
     teacher: Optional[str] = None
     teacher_revision: Optional[str] = None
     teacher_architecture: Optional[str] = None
@@ -124,6 +125,7 @@ class RunSummary:
             student_architecture=type(student_model).__name__,
             student_parameters=num_parameters(student_model),
             num_classes=getattr(getattr(student_model, "config", None), "num_labels", None),
+            student_model_type=getattr(getattr(student_model, "config", None), "model_type", None),
             teacher=public_name(teacher_source) if teacher_model is not None else None,
             teacher_revision=teacher_revision if teacher_model is not None else None,
             teacher_architecture=type(teacher_model).__name__ if teacher_model is not None else None,

@@ -26,8 +26,10 @@ from helpers import (  # noqa: E402
     make_parquet_dataset,
     tiny_cait,
     tiny_deit,
+    tiny_lift,
     tiny_swin,
     tiny_vit,
+    tiny_widelast,
 )
 
 
@@ -49,6 +51,16 @@ def swin():
 @pytest.fixture
 def cait():
     return tiny_cait()
+
+
+@pytest.fixture
+def lift():
+    return tiny_lift()
+
+
+@pytest.fixture
+def widelast():
+    return tiny_widelast()
 
 
 @pytest.fixture

@@ -21,6 +21,27 @@ def tiny_vit(num_labels: int = 5, hidden: int = 32, layers: int = 3, seed: int =
     return ViTForImageClassification(config)
 
 
+def tiny_lift(num_labels: int = 5, hidden: int = 32, layers: int = 3, lift_size: int = 64, seed: int = 0):
+    """A Lift student at test size: blocks at ``hidden``, last block's patch tokens lifted to ``lift_size``."""
+    from hf_spectralkd.students import LiftViTConfig, LiftViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = LiftViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                           intermediate_size=2 * hidden, num_labels=num_labels, layer_norm_eps=1e-6, lift_size=lift_size)
+    return LiftViTForImageClassification(config)
+
+
+def tiny_widelast(num_labels: int = 5, hidden: int = 32, layers: int = 3, wide: int = 64, seed: int = 0):
+    """A WideLast student at test size: blocks 0 … layers-2 at ``hidden``, the last at ``wide`` (4 heads)."""
+    from hf_spectralkd.students import WideLastViTConfig, WideLastViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = WideLastViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=layers,
+                               num_attention_heads=2, intermediate_size=2 * hidden, num_labels=num_labels,
+                               layer_norm_eps=1e-6, wide_hidden_size=wide, wide_num_attention_heads=4)
+    return WideLastViTForImageClassification(config)
+
+
 def tiny_deit(num_labels: int = 5, hidden: int = 32, layers: int = 3, seed: int = 0):
     from transformers import DeiTConfig, DeiTForImageClassification
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+import hf_spectralkd  # noqa: F401  (registers the Lift and WideLast students with the Auto classes)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
 
@@ -84,3 +86,17 @@ def test_deepspeed_zero3_two_processes_shard_student_and_teacher(tmp_path):
     # Each process holds a shard of every parameter; the card counts the whole model.
     whole = sum(p.numel() for p in student.parameters())
     assert f"({whole:,} parameters)" in (tmp_path / "student" / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["lift", "widelast"])
+def test_ddp_trains_lift_and_widelast_without_searching_for_unused_parameters(student, tmp_path):
+    """With find_unused_parameters=False, DDP fails at the second step if any parameter got no gradient in the
+    first; Lift creates no unused head or final norm, so six steps and an evaluation complete."""
+    ranks = run_two_processes(tmp_path, "--student", student)
+    assert [r["find_unused_parameters"] for r in ranks] == [False, False]
+    first, second = components(ranks[0]["log_history"]), components(ranks[1]["log_history"])
+    assert len(first) == 3 and first == second
+    assert all(entry["loss_fft"] > 0 for entry in first if "loss_fft" in entry)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "student")
+    assert reloaded.config.model_type == f"{student}_vit"

@@ -72,6 +72,8 @@ def test_timm_cait_taps_request_only_needed_blocks_and_match_all_blocks(cait, pi
         ("deit", ("deit", 3, (32,) * 3, ((4, 4),) * 3)),
         ("swin", ("swin", 3, (8, 16, 32), ((16, 16), (8, 8), (4, 4)))),
         ("cait", ("timm_wrapper", 4, (64,) * 4, ((4, 4),) * 4)),
+        ("lift", ("lift_vit", 3, (32, 32, 64), ((4, 4),) * 3)),  # last tap: the lifted tokens
+        ("widelast", ("widelast_vit", 3, (32, 32, 64), ((4, 4),) * 3)),  # last tap: the wide block
     ],
 )
 def test_describe_taps_agrees_with_real_feature_maps(name, expected, request, pixel_values):
