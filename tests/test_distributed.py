@@ -88,7 +88,6 @@ def test_deepspeed_zero3_two_processes_shard_student_and_teacher(tmp_path):
     assert f"({whole:,} parameters)" in (tmp_path / "student" / "README.md").read_text()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("student", ["lift", "widelast"])
 def test_ddp_trains_lift_and_widelast_without_searching_for_unused_parameters(student, tmp_path):
     """With find_unused_parameters=False, DDP fails at the second step if any parameter got no gradient in the

@@ -327,7 +327,6 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_trust_remote_code_loads_saved_students_without_hf_spectralkd(saved_students, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
