@@ -4,8 +4,10 @@ Public API::
 
     from hf_spectralkd import SpectralDistillationTrainer, SpectralDistillationConfig
     from hf_spectralkd import distillation_objective, spectral_alignment_loss, distillation_loss
+    from hf_spectralkd import load_recipe      # a shipped recipe config as arguments
 """
 
+from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
 from .config import SpectralDistillationConfig
 from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError
 from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
@@ -23,6 +25,7 @@ __all__ = [
     "SpectralDistillationTrainer",
     "distillation_loss",
     "distillation_objective",
+    "load_recipe",
     "spectral_alignment_loss",
     "__version__",
 ]

@@ -107,17 +107,19 @@ def _apply_labels(config: PretrainedConfig, id2label: Optional[dict[int, str]]) 
     return config
 
 
-def _resolved_revision(model: PreTrainedModel) -> Optional[str]:
-    """Commit sha of a Hub checkpoint, read from the local cache path it was loaded from."""
-    name = getattr(model.config, "_name_or_path", "") or ""
-    if _is_local(name) or not name:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
+def resolve_hub_revision(
+    repo_id: str, revision: Optional[str] = None, token: Optional[str] = None, cache_dir: Optional[str] = None
+) -> Optional[str]:
+    """The commit sha that ``revision`` (a branch, tag or sha; default the main branch) of a Hub model points to.
 
-        folder = snapshot_download(name, local_files_only=True, allow_patterns=["config.json"])
-        return Path(folder).name  # snapshots/<sha>
-    except Exception:  # noqa: BLE001 - the revision is informative only
+    huggingface_hub's ``resolve_revision`` asks the Hub and falls back to the local cache's refs when the
+    Hub cannot be reached (offline runs record the commit they loaded). ``None`` when neither knows.
+    """
+    from huggingface_hub import resolve_revision
+
+    try:
+        return resolve_revision(repo_id, revision=revision, token=token, cache_dir=cache_dir).resolved
+    except Exception:  # noqa: BLE001 - the revision is a record, never a reason to fail
         return None
 
 
@@ -142,6 +144,7 @@ def load_model(
     revision: Optional[str] = None,
     token: Optional[str] = None,
     trust_remote_code: bool = False,
+    cache_dir: Optional[str] = None,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Load an image classifier from a Hub id, a local folder, a ``config.json`` or a preset name.
@@ -153,16 +156,21 @@ def load_model(
         from_scratch: build from the config only, with random weights, even if weights exist.
         id2label: class names; when given, the classifier head is sized for them (a pretrained head of
             another size is re-initialised, as in fine-tuning).
-        revision, token, trust_remote_code: passed to ``from_pretrained`` for Hub ids.
+        revision, token, trust_remote_code, cache_dir: for Hub ids. ``revision`` is resolved to its commit
+            once (recorded in ``LoadedModel.revision``) and config and weights load from that commit.
 
     Raises:
         ModelLoadError (a ``ValueError``) naming ``argument`` and the value when nothing loads.
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelLoadError(f"{argument}: expected a model id, folder, config file or architecture name, got {name_or_path!r}")
-    hub_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-    label_kwargs = _label_kwargs(id2label)
     path = Path(os.path.expanduser(name_or_path))
+    resolved = None
+    if not path.exists() and name_or_path not in ARCHITECTURE_PRESETS:
+        resolved = resolve_hub_revision(name_or_path, revision, token, cache_dir)
+    hub_kwargs = {"revision": resolved or revision, "token": token, "trust_remote_code": trust_remote_code,
+                  "cache_dir": cache_dir}
+    label_kwargs = _label_kwargs(id2label)
     try:
         if name_or_path in ARCHITECTURE_PRESETS and not path.exists():
             config = _apply_labels(ARCHITECTURE_PRESETS[name_or_path](), id2label)
@@ -192,7 +200,7 @@ def load_model(
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
         raise _friendly_load_error(argument, name_or_path, error) from error
-    return LoadedModel(model, name_or_path, "pretrained", revision=_resolved_revision(model) or revision)
+    return LoadedModel(model, name_or_path, "pretrained", revision=resolved or revision)
 
 
 def ensure_deepspeed_distributed(args) -> None:

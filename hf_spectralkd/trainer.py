@@ -8,9 +8,11 @@ teacher is a frozen, eval-mode attribute prepared for the launch mode (docs/desi
 * DeepSpeed: its own inference engine, ZeRO-3 sharded when training is ZeRO-3, otherwise stage 0
   (a replica), as TRL does.
 
-Per step: one teacher forward under ``no_grad`` and one student forward on the same augmented
-batch, each asked only for the tapped hidden states, then
-:func:`~hf_spectralkd.losses.distillation_objective`. Its three raw components are logged as
+Per step: one teacher forward under ``no_grad`` on the same augmented batch, re-normalised and
+resized for the teacher when it expects other inputs, its logits put in the student's class order
+(:mod:`.teacher`); one student forward; each asked only for the tapped hidden states; then
+:func:`~hf_spectralkd.losses.distillation_objective`. Before the first step the teacher is scored on a
+few evaluation images and a teacher near chance stops the run. Its three raw components are logged as
 ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over the logging window and over
 processes. Checkpointing, the model card and the optimizer details live in their own mixins
 (:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`).
@@ -42,13 +44,15 @@ from .features import (
     model_family,
 )
 from .hub import ModelCardMixin
-from .layer_map import LayerPair, check_num_labels, resolve_layer_map
+from .layer_map import LayerPair, resolve_layer_map
 from .losses import distillation_objective
 from .metrics import topk_accuracy, topk_indices
 from .models import LoadedModel, load_model
 from .optimization import DeiTOptimizationMixin
 from .perf import keep_freed_memory
+from .preprocessing import InputAdapter, InputSpec, input_spec_of, spec_from_processor
 from .summary import RunSummary
+from .teacher import TeacherCheckError, check_teacher, run_teacher, teacher_check_threshold, teacher_label_order
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             images of the evaluation or training set).
         summary: the run's record for cards and ``results.json``; by default described from the
             models and ``args``.
+        student_inputs: how the batches are normalised (:class:`~hf_spectralkd.preprocessing.InputSpec`);
+            by default read from ``processing_class`` (the image processor saved with the student).
+        teacher_inputs: what the teacher expects; by default ``args.teacher_image_mean/std``, else read
+            from the teacher (its image processor when given by id or folder, timm's ``pretrained_cfg``).
         **kwargs: everything ``transformers.Trainer`` accepts (datasets, collator, callbacks, ...).
             ``compute_metrics`` defaults to top-1/top-5 accuracy and the collator to
             :class:`~hf_spectralkd.data.ImageClassificationCollator`.
@@ -90,6 +98,8 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         teacher_kwargs: Optional[dict[str, Any]] = None,
         layer_map: Optional[list[LayerPair]] = None,
         summary: Optional[RunSummary] = None,
+        student_inputs: Optional[InputSpec] = None,
+        teacher_inputs: Optional[InputSpec] = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -108,8 +118,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
-        if teacher is not None and args.uses_teacher_logits:
-            check_num_labels(model, teacher)
+        label_order = teacher_label_order(model, teacher) if teacher is not None and args.uses_teacher_logits else None
         # Checked before Trainer.__init__, which may already contact the Hub.
         if layer_map is None:
             layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs))
@@ -124,6 +133,13 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
                 args.feature_loss, args.beta, [p.student for p in self.layer_map], [p.teacher for p in self.layer_map],
             )
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        self.teacher_label_order = label_order
+        self.teacher_inputs: Optional[InputAdapter] = None
+        if teacher is not None:
+            self.teacher_inputs = self._teacher_input_adapter(
+                model, teacher, teacher_info, student_inputs or spec_from_processor(kwargs.get("processing_class")),
+                teacher_inputs,
+            )
         self.summary = summary or RunSummary.describe(
             args, model, teacher, self.layer_map,
             student_source=student_info.source if student_info else None,
@@ -198,6 +214,61 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         engine.eval()
         return engine
 
+    def _teacher_input_adapter(
+        self, student, teacher, teacher_info, student_spec: Optional[InputSpec], teacher_spec: Optional[InputSpec]
+    ) -> Optional[InputAdapter]:
+        """The map from the student's batches to the teacher's inputs, or ``None`` when they agree."""
+        from .preprocessing import configured_size
+
+        args = self.args
+        if teacher_spec is None:
+            teacher_spec = input_spec_of(
+                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
+                mean=args.teacher_image_mean, std=args.teacher_image_std,
+            )
+        student_spec = student_spec or InputSpec()
+        student_spec = InputSpec(student_spec.mean, student_spec.std, student_spec.size or configured_size(student),
+                                 source=student_spec.source)
+        if student_spec.knows_normalisation != teacher_spec.knows_normalisation:
+            logger.warning(
+                "the %s's input normalisation is unknown: the teacher sees the student's batches as they are (give "
+                "teacher_image_mean/std, or a processing_class for the student, if they differ)",
+                "teacher" if not teacher_spec.knows_normalisation else "student",
+            )
+        adapter = InputAdapter(student_spec, teacher_spec)
+        logger.info("teacher inputs: %s", adapter.describe())
+        return None if adapter.is_identity else adapter.to(args.device)
+
+    def check_teacher(self) -> Optional[float]:
+        """Score the teacher on the first ``args.teacher_check_images`` evaluation images; stop if near chance.
+
+        Returns the top-1 (``None`` when there is nothing to check). Runs through the same input
+        adaptation and label order as distillation, so it checks what the KD targets will be.
+        """
+        args = self.args
+        if (args.teacher_check_images <= 0 or self.teacher is None or not args.uses_teacher_logits
+                or self.eval_dataset is None or isinstance(self.eval_dataset, dict)):
+            return None
+        top1, scored = check_teacher(
+            self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
+            self.teacher_inputs, self.teacher_label_order,
+        )
+        num_classes = getattr(self.model.config, "num_labels", None) or 1
+        threshold = teacher_check_threshold(num_classes)
+        logger.info("teacher check: %.1f %% top-1 on the first %d evaluation images (chance %.1f %%)",
+                    100 * top1, scored, 100 / num_classes)
+        self.summary.teacher_check_accuracy = top1
+        if top1 < threshold:
+            inputs = self.teacher_inputs.describe() if self.teacher_inputs is not None else "none"
+            raise TeacherCheckError(
+                f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on the first {scored} evaluation "
+                f"images, below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
+                f"Check its normalisation (input adaptation: {inputs}; set --teacher_image_mean/--teacher_image_std), "
+                "its label order (its id2label against the dataset's class names) and that the checkpoint is the one "
+                "you meant; --teacher_check_images 0 skips this check"
+            )
+        return top1
+
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
         """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding."""
         if resume_from_checkpoint and not self.args.ignore_data_skip and hasattr(self.train_dataset, "fast_forward"):
@@ -213,6 +284,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
                 )
         lock = acquire_run_lock(self.accelerator, self.args.output_dir)
         try:
+            self.check_teacher()
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if lock is not None:
@@ -240,23 +312,16 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         teacher_logits, teacher_maps = None, []
         if use_teacher:
             # Teacher first: its large temporaries are freed before the student's activations are
-            # allocated and kept for backward, which measured faster on CPU (bench/README.md). Only
-            # its logits and the requested maps outlive this block: the other block outputs an HF
-            # model returns with output_hidden_states are dropped before the student runs.
-            with torch.no_grad():
-                teacher_outputs = self.teacher(
-                    pixel_values=pixel_values, **feature_forward_kwargs(self.teacher, teacher_layers)
-                )
-                teacher_logits = teacher_outputs.logits
-                if use_features:
-                    teacher_maps = extract_features(self.teacher, teacher_outputs, teacher_layers)
-                del teacher_outputs
+            # allocated and kept for backward, which measured faster on CPU (bench/README.md).
+            teacher_logits, teacher_maps = run_teacher(
+                self.teacher, pixel_values, teacher_layers, self.teacher_inputs, self.teacher_label_order
+            )
         outputs = model(pixel_values=pixel_values, **feature_forward_kwargs(model, student_layers))
         student_maps = extract_features(model, outputs, student_layers) if use_features else []
         losses = distillation_objective(
             outputs.logits, labels, teacher_logits, student_maps, teacher_maps,
             alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-            distillation_type=args.distillation_type if use_teacher else "none",
+            distillation_type=args.distillation_type if use_teacher and args.uses_teacher_logits else "none",
             feature_loss=args.feature_loss, label_smoothing=args.label_smoothing_factor,
         )
         components = torch.stack([losses.ce.detach(), losses.kd.detach(), losses.feature.detach()]).float()

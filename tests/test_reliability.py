@@ -50,11 +50,20 @@ def bad_inputs(tmp_path_factory, saved_models):
     ResNetForImageClassification(ResNetConfig(num_labels=3, hidden_sizes=[8, 8, 8, 8], embedding_size=8)).save_pretrained(root / "resnet")
     tiny_swin(num_labels=3).config.save_pretrained(root / "swin_student")
     tiny_cait(num_labels=7).save_pretrained(root / "teacher7")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit48 = tiny_vit(num_labels=3)
+    ViTForImageClassification(ViTConfig(**{**vit48.config.to_dict(), "image_size": 48})).save_pretrained(root / "teacher48")
+    other_classes = tiny_cait(num_labels=3)
+    other_classes.config.id2label = {0: "x", 1: "y", 2: "z"}
+    other_classes.config.label2id = {"x": 0, "y": 1, "z": 2}
+    other_classes.save_pretrained(root / "teacher_xyz")
     (root / "a_file").write_text("not a folder")
     previous = root / "previous_run" / "checkpoint-5"
     previous.mkdir(parents=True)
     return {"root": root, "resnet": str(root / "resnet"), "swin": str(root / "swin_student" / "config.json"),
-            "teacher7": str(root / "teacher7"), "file": str(root / "a_file"), "previous": str(root / "previous_run")}
+            "teacher7": str(root / "teacher7"), "file": str(root / "a_file"), "previous": str(root / "previous_run"),
+            "teacher48": str(root / "teacher48"), "teacher_xyz": str(root / "teacher_xyz")}
 
 
 #: (case id, how to change the tiny working command, expected message)
@@ -69,6 +78,16 @@ BAD_INPUTS = [
     ("spatial_mismatch", lambda a, p: a + ["--student", p["swin"], "--student_layers", "0", "1", "--teacher_layers", "0", "1"],
      "student layer 0 is 16×16 but teacher layer 0 is 4×4"),
     ("class_count_mismatch", lambda a, p: a + ["--teacher", p["teacher7"]], "different numbers of classes: teacher 7, student 3"),
+    ("disjoint_label_sets", lambda a, p: a + ["--teacher", p["teacher_xyz"]],
+     "teacher and student have different label sets: the teacher has no class ['a', 'b', 'c']"),
+    ("grids_differ_with_feature_pairs", lambda a, p: a + ["--teacher", p["teacher48"], "--teacher_layers", "0", "2"],
+     "student layer 0 is 4×4 but teacher layer 0 is 6×6 (token grid H×W, inputs 32×32 and 48×48)"),
+    ("negative_teacher_check_images", lambda a, p: a + ["--teacher_check_images", "-1"],
+     "teacher_check_images must be a number of images >= 0 (0 disables the check), got -1"),
+    ("teacher_near_chance", lambda a, p: a + ["--teacher_check_images", "9"],
+     "top-1 on the first 9 evaluation images, below 66.7 % (twice chance): its inputs or labels do not match the data"),
+    ("half_of_teacher_normalisation", lambda a, p: a + ["--teacher_image_mean", "0.5"],
+     "teacher_image_mean and teacher_image_std go together"),
     ("unknown_dataset", lambda a, p: a + ["--dataset", "no-such-user/no-such-dataset"], "dataset: cannot load 'no-such-user/no-such-dataset'"),
     ("missing_image_column", lambda a, p: a + ["--image_column", "pixels"], "image_column: column 'pixels' is not in dataset"),
     ("missing_label_column", lambda a, p: a + ["--label_column", "target"], "label_column: column 'target' is not in dataset"),

@@ -268,3 +268,18 @@ def test_deit_schedule_matches_formula(tmp_path):
     assert lr(1) == pytest.approx(4.008e-4, rel=1e-4)  # epoch 2
     assert lr(5) == pytest.approx(1.99864e-3, rel=1e-5)  # epoch 6
     assert lr(298) == pytest.approx(1.0218e-5, rel=1e-4)  # epoch 299
+
+
+def test_label_smoothing_factor_sets_the_cross_entropy(tmp_path):
+    import torch.nn.functional as F
+
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    for smoothing in (0.0, 0.3):
+        trainer = SpectralDistillationTrainer(model=tiny_vit(), args=make_config(
+            tmp_path, distillation_type="none", beta=0.0, student_layers=None, teacher_layers=None,
+            label_smoothing_factor=smoothing))
+        loss = trainer.compute_loss(trainer.model.eval(), batch)
+        with torch.no_grad():
+            expected = F.cross_entropy(trainer.model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
+                                       label_smoothing=smoothing)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
