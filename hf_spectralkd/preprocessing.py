@@ -201,3 +201,25 @@ class InputAdapter(nn.Module):
             parts.append(f"resized {self.source.size[0]}×{self.source.size[1]} → {self.target.size[0]}×{self.target.size[1]} "
                          "(bicubic, antialiased)")
         return "; ".join(parts) if parts else "none (the teacher expects the student's inputs)"
+
+
+def teacher_input_adapter(
+    student_spec: Optional[InputSpec], teacher_spec: InputSpec, student_size: Optional[tuple[int, int]] = None
+) -> Optional[InputAdapter]:
+    """The map from the student's batches to the teacher's inputs, or ``None`` when they agree.
+
+    ``student_size`` fills in the batch size when ``student_spec`` does not say it (the student's
+    configured input size). Logs what is applied; warns when one side's normalisation is unknown.
+    """
+    student_spec = student_spec or InputSpec()
+    if student_spec.size is None and student_size is not None:
+        student_spec = InputSpec(student_spec.mean, student_spec.std, student_size, source=student_spec.source)
+    if student_spec.knows_normalisation != teacher_spec.knows_normalisation:
+        logger.warning(
+            "the %s's input normalisation is unknown: the teacher sees the student's batches as they are (give "
+            "teacher_image_mean/std, or a processing_class for the student, if they differ)",
+            "teacher" if not teacher_spec.knows_normalisation else "student",
+        )
+    adapter = InputAdapter(student_spec, teacher_spec)
+    logger.info("teacher inputs: %s", adapter.describe())
+    return None if adapter.is_identity else adapter

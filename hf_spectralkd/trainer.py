@@ -50,7 +50,14 @@ from .metrics import topk_accuracy, topk_indices
 from .models import LoadedModel, load_model
 from .optimization import DeiTOptimizationMixin
 from .perf import keep_freed_memory
-from .preprocessing import InputAdapter, InputSpec, input_spec_of, spec_from_processor
+from .preprocessing import (
+    InputAdapter,
+    InputSpec,
+    configured_size,
+    input_spec_of,
+    spec_from_processor,
+    teacher_input_adapter,
+)
 from .summary import RunSummary
 from .teacher import TeacherCheckError, check_teacher, run_teacher, teacher_check_threshold, teacher_label_order
 
@@ -136,10 +143,13 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         self.teacher_label_order = label_order
         self.teacher_inputs: Optional[InputAdapter] = None
         if teacher is not None:
-            self.teacher_inputs = self._teacher_input_adapter(
-                model, teacher, teacher_info, student_inputs or spec_from_processor(kwargs.get("processing_class")),
-                teacher_inputs,
+            teacher_inputs = teacher_inputs or input_spec_of(
+                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
+                mean=args.teacher_image_mean, std=args.teacher_image_std,
             )
+            student_inputs = student_inputs or spec_from_processor(kwargs.get("processing_class"))
+            adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(model))
+            self.teacher_inputs = adapter.to(args.device) if adapter is not None else None
         self.summary = summary or RunSummary.describe(
             args, model, teacher, self.layer_map,
             student_source=student_info.source if student_info else None,
@@ -213,31 +223,6 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
         engine.eval()
         return engine
-
-    def _teacher_input_adapter(
-        self, student, teacher, teacher_info, student_spec: Optional[InputSpec], teacher_spec: Optional[InputSpec]
-    ) -> Optional[InputAdapter]:
-        """The map from the student's batches to the teacher's inputs, or ``None`` when they agree."""
-        from .preprocessing import configured_size
-
-        args = self.args
-        if teacher_spec is None:
-            teacher_spec = input_spec_of(
-                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
-                mean=args.teacher_image_mean, std=args.teacher_image_std,
-            )
-        student_spec = student_spec or InputSpec()
-        student_spec = InputSpec(student_spec.mean, student_spec.std, student_spec.size or configured_size(student),
-                                 source=student_spec.source)
-        if student_spec.knows_normalisation != teacher_spec.knows_normalisation:
-            logger.warning(
-                "the %s's input normalisation is unknown: the teacher sees the student's batches as they are (give "
-                "teacher_image_mean/std, or a processing_class for the student, if they differ)",
-                "teacher" if not teacher_spec.knows_normalisation else "student",
-            )
-        adapter = InputAdapter(student_spec, teacher_spec)
-        logger.info("teacher inputs: %s", adapter.describe())
-        return None if adapter.is_identity else adapter.to(args.device)
 
     def check_teacher(self) -> Optional[float]:
         """Score the teacher on the first ``args.teacher_check_images`` evaluation images; stop if near chance.

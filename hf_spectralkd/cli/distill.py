@@ -52,7 +52,7 @@ from ..models import (
     load_model,
     model_license,
 )
-from ..preprocessing import InputAdapter, InputSpec, input_spec_of, spec_from_processor
+from ..preprocessing import InputSpec, configured_size, input_spec_of, spec_from_processor, teacher_input_adapter
 from ..summary import RunSummary, write_json_atomic
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
@@ -499,8 +499,8 @@ def _evaluate_only(model_args, data_args, args, student, teacher, data, raw, pro
     teacher_inputs, teacher_order = None, None
     if teacher is not None:
         teacher_order = teacher_label_order(data_labels, teacher.model)
-        adapter = InputAdapter(student_spec or InputSpec(), teacher_spec or InputSpec())
-        teacher_inputs = None if adapter.is_identity else adapter.to(args.device)
+        adapter = teacher_input_adapter(student_spec, teacher_spec, configured_size(student.model))
+        teacher_inputs = adapter.to(args.device) if adapter is not None else None
     eval_args = dataclasses.replace(args, distillation_type="none", beta=0.0, layer_map="manual", student_layers=None,
                                     teacher_layers=None, push_to_hub=False, resume_from_checkpoint=None)
     summary = RunSummary.describe(
