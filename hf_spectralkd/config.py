@@ -188,8 +188,15 @@ class SpectralDistillationConfig(TrainingArguments):
     stop_on_nonfinite_loss: bool = field(
         default=True,
         metadata={
-            "help": "Stop with an error naming the step and the loss component when a loss term is NaN or infinite, "
-            "before the optimizer step (the last checkpoint stays intact)."
+            "help": "Stop with an error naming the step and the loss component when a loss term is NaN or infinite; no "
+            "checkpoint is written after it (see --nonfinite_check_interval)."
+        },
+    )
+    nonfinite_check_interval: int = field(
+        default=0,
+        metadata={
+            "help": "Also check for a non-finite loss every N optimizer steps (1 = every step, which costs a host-device "
+            "synchronisation per step on a GPU). 0: only at each logging step, before every checkpoint and at the end."
         },
     )
     cpu_malloc_tuning: bool = field(
@@ -272,6 +279,12 @@ class SpectralDistillationConfig(TrainingArguments):
             raise ConfigurationError(f"teacher_image_std must be positive, got {self.teacher_image_std!r}")
         if self.do_predict:
             raise ConfigurationError("do_predict: prediction is not part of this recipe; use --do_eval, or pipeline() on the student")
+        if isinstance(self.nonfinite_check_interval, bool) or not isinstance(self.nonfinite_check_interval, int) or (
+            self.nonfinite_check_interval < 0
+        ):
+            raise ConfigurationError(
+                f"nonfinite_check_interval must be a number of steps >= 0, got {self.nonfinite_check_interval!r}"
+            )
         _check_number("min_lr", self.min_lr, 0.0)
         _check_number("warmup_lr", self.warmup_lr, 0.0)
         if self.layer_map == "manual" and (self.student_layers or self.teacher_layers):

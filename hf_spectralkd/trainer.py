@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from typing import Any, Optional, Union
 
@@ -36,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .checkpointing import AtomicCheckpointMixin, acquire_run_lock
 from .config import SpectralDistillationConfig
 from .data import DatasetEpochCallback, ImageClassificationCollator, first_images
-from .errors import ConfigurationError, NonFiniteLossError
+from .errors import ConfigurationError
 from .features import (
     describe_taps,
     extract_features,
@@ -48,6 +47,7 @@ from .layer_map import LayerPair, resolve_layer_map
 from .losses import distillation_objective
 from .metrics import topk_accuracy, topk_indices
 from .models import LoadedModel, load_model
+from .nonfinite import NonFiniteWatch
 from .optimization import DeiTOptimizationMixin
 from .perf import keep_freed_memory
 from .preprocessing import (
@@ -163,6 +163,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         self._loss_counts = {"train": 0, "eval": 0}
         self._skipped_images = 0
         self._feature_key = f"loss_{args.feature_loss}"
+        self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
 
     # ------------------------------------------------------------------------------------------
     # Teacher
@@ -270,7 +271,9 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         lock = acquire_run_lock(self.accelerator, self.args.output_dir)
         try:
             self.check_teacher()
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._check_finite()
+            return result
         finally:
             if lock is not None:
                 lock.release()
@@ -311,7 +314,10 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         )
         components = torch.stack([losses.ce.detach(), losses.kd.detach(), losses.feature.detach()]).float()
         if mode == "train" and args.stop_on_nonfinite_loss:
-            self._check_finite(components)
+            step = self.state.global_step + 1
+            self._nonfinite.update(components, step)  # on the device: no synchronisation here
+            if args.nonfinite_check_interval and step % args.nonfinite_check_interval == 0:
+                self._check_finite(step)
         sums = self._loss_sums[mode]
         self._loss_sums[mode] = components if sums is None else sums + components
         self._loss_counts[mode] += 1
@@ -320,21 +326,18 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             return losses.total, ImageClassifierOutput(logits=outputs.logits)
         return losses.total
 
-    def _check_finite(self, components: torch.Tensor) -> None:
-        """Raise on a NaN/inf loss term on any process, on every process at once (no rank left waiting)."""
-        bad = (~torch.isfinite(components)).any().float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if not bool(bad > 0):
-            return
-        names = ("loss_ce", "loss_kd", self._feature_key)
-        bad_terms = [f"{n}={v:.4g}" for n, v in zip(names, components.tolist()) if not math.isfinite(v)]
-        where = ", ".join(bad_terms) if bad_terms else "on another process"
-        raise NonFiniteLossError(
-            f"non-finite loss at step {self.state.global_step + 1}: {where}. Training stopped before the "
-            f"optimizer step; the last checkpoint in {self.args.output_dir} is intact. Lower the learning rate, "
-            "check the inputs, or resume from the last checkpoint."
-        )
+    def _check_finite(self, step: Optional[int] = None) -> None:
+        """Stop on a non-finite loss component seen so far (a collective on several processes).
+
+        ``step``: the step being computed; default the last completed one (at logs, saves, the end).
+        """
+        if self.args.stop_on_nonfinite_loss:
+            detected_at = self.state.global_step if step is None else step
+            self._nonfinite.check(self.accelerator, detected_at, self.args.output_dir)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        self._check_finite()  # never write weights a non-finite loss has touched
+        super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------------------
     # Logging
@@ -352,6 +355,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
                 logs[prefix + name] = round(value, 6)
             self._loss_sums[mode], self._loss_counts[mode] = None, 0
             if mode == "train":
+                self._check_finite()
                 skipped = torch.tensor(float(self._skipped_images), device=self.args.device)
                 logs["skipped_images"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
         super().log(logs, start_time)

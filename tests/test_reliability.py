@@ -208,8 +208,12 @@ def poison(outputs, component: str):
     return outputs
 
 
-@pytest.mark.parametrize("component,name", [("kd", "loss_kd"), ("fft", "loss_fft")])
-def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(component, name, tmp_path):
+@pytest.mark.parametrize("component,name,interval,when", [
+    ("kd", "loss_kd", 0, "Detected at step 4 .*no checkpoint was written after it"),  # checked before the step-4 save
+    ("fft", "loss_fft", 0, "Detected at step 4"),
+    ("kd", "loss_kd", 1, "Training stopped before the optimizer step"),  # checked every step
+])
+def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(component, name, interval, when, tmp_path):
     teacher = tiny_cait()
     calls = {"n": 0}
 
@@ -219,9 +223,10 @@ def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(compon
 
     teacher.register_forward_hook(hook)
     args = SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, per_device_train_batch_size=4,
-                                      report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0, 2], teacher_layers=[0, 3])
+                                      report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0, 2], teacher_layers=[0, 3],
+                                      nonfinite_check_interval=interval)
     trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=teacher, args=args, train_dataset=SyntheticImageDataset(32))
-    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step 3: {name}=nan"):
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step 3: {name}=nan\. {when}"):
         trainer.train()
     assert not (tmp_path / "run" / "checkpoint-4").exists()
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "checkpoint-2")
