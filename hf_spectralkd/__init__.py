@@ -9,7 +9,7 @@ Public API::
 
 from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
 from .config import SpectralDistillationConfig
-from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError
+from .errors import CheckpointSaveError, ConfigurationError, DamagedFileError, NonFiniteLossError, RunFailedError
 from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
 from .trainer import SpectralDistillationTrainer
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointSaveError",
     "ConfigurationError",
+    "DamagedFileError",
     "LossComponents",
     "NonFiniteLossError",
     "RunFailedError",

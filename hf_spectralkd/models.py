@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from .errors import ConfigurationError
+from .integrity import COPY_AGAIN, damaged, first_line, loading_problems, model_folder_problems, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,9 @@ def load_model(
             once (recorded in ``LoadedModel.revision``) and config and weights load from that commit.
 
     Raises:
-        ModelLoadError (a ``ValueError``) naming ``argument`` and the value when nothing loads.
+        ModelLoadError (a ``ValueError``) naming ``argument`` and the value when nothing loads;
+        DamagedFileError when a local config or weights file is truncated, corrupt or does not match
+        its ``config.json`` (checked before loading, from the files' headers).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelLoadError(f"{argument}: expected a model id, folder, config file or architecture name, got {name_or_path!r}")
@@ -179,27 +183,46 @@ def load_model(
         if path.is_file():
             if path.suffix != ".json":
                 raise ModelLoadError(f"{argument}: '{name_or_path}' is a file but not a config JSON")
-            config_dict = json.loads(path.read_text())
+            config_dict, problem = read_json(path)
+            if problem or not isinstance(config_dict, dict):
+                raise damaged(argument, name_or_path, [problem or f"{path.name} does not hold a JSON object"],
+                              "fix or replace the file")
+            if "model_type" not in config_dict:
+                raise ModelLoadError(f"{argument}: '{name_or_path}' has no model_type (expected a config.json written by "
+                                     "save_pretrained)")
             config = AutoConfig.for_model(**config_dict)
             model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
             return LoadedModel(model, name_or_path, "scratch")
         if path.is_dir() and not (path / "config.json").exists():
             raise ModelLoadError(f"{argument}: folder '{name_or_path}' has no config.json (expected a save_pretrained folder)")
+        if path.is_dir():  # before transformers reads it: a truncated file there ends in a Rust traceback
+            problems = model_folder_problems(path, with_weights=not from_scratch)
+            if problems:
+                raise damaged(argument, name_or_path, problems)
         if from_scratch or (path.is_dir() and not _has_weights(path)):
             config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
             model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
             return LoadedModel(model, name_or_path, "scratch")
-        model = AutoModelForImageClassification.from_pretrained(
+        local = path.is_dir()
+        loaded = AutoModelForImageClassification.from_pretrained(
             name_or_path,
             **hub_kwargs,
             **label_kwargs,
-            ignore_mismatched_sizes=bool(label_kwargs),
+            ignore_mismatched_sizes=bool(label_kwargs) or local,  # a local folder's mismatches are reported below
+            output_loading_info=local,
             **model_kwargs,
         )
-    except ModelLoadError:
+        model, info = loaded if local else (loaded, None)
+        problems = loading_problems(info, model, new_head=bool(label_kwargs)) if info is not None else []
+        if problems:
+            raise damaged(argument, name_or_path, problems, "save the model again with save_pretrained, or copy it again")
+    except ConfigurationError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
         raise _friendly_load_error(argument, name_or_path, error) from error
+    except SafetensorError as error:  # a Hub download cut short in the cache (local folders are checked above)
+        raise damaged(argument, name_or_path, [first_line(error)],
+                      f"{COPY_AGAIN} (delete it from the Hugging Face cache first)") from error
     return LoadedModel(model, name_or_path, "pretrained", revision=resolved or revision)
 
 

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.trainer_utils import get_last_checkpoint
 
-from .checkpointing import AtomicCheckpointMixin, acquire_run_lock
+from .checkpointing import AtomicCheckpointMixin, acquire_run_lock, newest_verified_checkpoint
 from .config import SpectralDistillationConfig
 from .data import DatasetEpochCallback, ImageClassificationCollator, first_images
 from .errors import ConfigurationError
@@ -256,13 +255,17 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         return top1
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
-        """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding."""
+        """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding.
+
+        ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies (a damaged
+        newer one is skipped with a warning); the Trainer and the stream's fast-forward get that path.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir)
         if resume_from_checkpoint and not self.args.ignore_data_skip and hasattr(self.train_dataset, "fast_forward"):
             checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
             state_file = os.path.join(str(checkpoint), "trainer_state.json")
-            if checkpoint and os.path.isfile(state_file):
+            if os.path.isfile(state_file):
                 with open(state_file, encoding="utf-8") as handle:
                     global_step = json.load(handle)["global_step"]
                 self.train_dataset.fast_forward(

@@ -152,3 +152,33 @@ def run_recipe_process(argv, check: bool = True, script=RECIPE, timeout: int = 3
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged files
+# ------------------------------------------------------------------------------------------------
+def truncate(path, keep: float = 0.5) -> None:
+    """Cut a file to a fraction of its size, as an interrupted copy leaves it."""
+    path = Path(path)
+    os.truncate(path, int(path.stat().st_size * keep))
+
+
+def flip_byte(path, offset: int = -100) -> None:
+    """Flip one bit of one byte (negative offsets count from the end: inside the tensor data)."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def fake_checkpoint(folder, step: int):
+    """A small ``checkpoint-N`` as the trainer writes it (weights, config, trainer state, manifest)."""
+    import json
+
+    from hf_spectralkd.checkpointing import write_manifest
+
+    folder = Path(folder)
+    tiny_vit(num_labels=3).save_pretrained(folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    write_manifest(str(folder))
+    return folder

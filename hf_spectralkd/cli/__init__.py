@@ -5,6 +5,7 @@
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
     hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME [--private]
+    hf-spectralkd verify OUTPUT_DIR     (exit 0: the newest checkpoint and the final student load; 1: one is damaged)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _select_layers(options) -> int:
     from .images import load_images, preprocess
 
     if options.teacher_profile:
-        profile = SpectralProfile.load(options.teacher_profile)
+        profile = SpectralProfile.load(options.teacher_profile, argument="teacher-profile")
     else:
         if not options.teacher or not options.dataset:
             raise ConfigurationError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
@@ -52,7 +53,8 @@ def _compare(options) -> int:
     from ..analysis import SpectralProfile, compare_profiles
     from ..analysis.plots import plot_profile_comparison
 
-    student, teacher = SpectralProfile.load(options.student_profile), SpectralProfile.load(options.teacher_profile)
+    student = SpectralProfile.load(options.student_profile, argument="student_profile")
+    teacher = SpectralProfile.load(options.teacher_profile, argument="teacher_profile")
     result = compare_profiles(student, teacher)
     print(f"pearson {result.pearson:.4f}  mean distance {result.mean_abs_distance:.4f}")
     print("per-layer distance: " + ", ".join(f"{d:.3f}" for d in result.per_layer_distance))
@@ -69,6 +71,36 @@ def _push(options) -> int:
                       commit_message=options.commit_message)
     print(f"pushed {options.output_dir} to https://huggingface.co/{options.repo_id} ({getattr(result, 'commit_url', result)})")
     return 0
+
+
+def _verify(options) -> int:
+    """Print each checkpoint of a run (and its final student) with OK or what is damaged.
+
+    Exit code 0 when the newest checkpoint verifies (``--resume_from_checkpoint true`` would use it
+    without falling back) and the final student, if the folder holds one, loads; 1 otherwise.
+    """
+    from pathlib import Path
+
+    from ..checkpointing import MANIFEST_FILE, checkpoint_folders, verify_checkpoint
+    from ..integrity import CONFIG_FILE, model_folder_problems
+
+    folder = Path(options.output_dir)
+    if not folder.is_dir():
+        raise ConfigurationError(f"output_dir: '{folder}' is not a folder")
+    checkpoints = checkpoint_folders(folder)
+    has_student = (folder / CONFIG_FILE).exists()
+    if not checkpoints and not has_student:
+        raise ConfigurationError(f"output_dir: '{folder}' holds no checkpoint-* folder and no saved student")
+    rows = [(c.name, verify_checkpoint(c), "" if (c / MANIFEST_FILE).exists() else " (no checksum manifest: structure only)")
+            for c in checkpoints]
+    if has_student:
+        rows.append(("final student", model_folder_problems(folder), ""))
+    width = max(len(name) for name, _, _ in rows)
+    for name, problems, note in rows:
+        print(f"{name:<{width}}  " + (f"DAMAGED: {'; '.join(problems)}" if problems else f"OK{note}"))
+    newest_ok = not checkpoints or not rows[len(checkpoints) - 1][1]
+    student_ok = not has_student or not rows[-1][1]
+    return 0 if newest_ok and student_ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="Branch to push to.")
     push.add_argument("--commit-message", default="Upload SpectralKD-distilled student", help="Commit message.")
     push.set_defaults(handler=_push)
+
+    verify = commands.add_parser(
+        "verify", help="Check a run's checkpoints (checksum manifest, weights, optimizer states) and its final student.",
+        description="Exit code 0 when the newest checkpoint and the final student (if any) verify, 1 otherwise.",
+    )
+    verify.add_argument("output_dir", help="The run folder (--output_dir of the recipe).")
+    verify.set_defaults(handler=_verify)
     return parser
 
 

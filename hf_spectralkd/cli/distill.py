@@ -31,9 +31,8 @@ from typing import Any, Optional
 
 import transformers
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..checkpointing import acquire_run_lock
+from ..checkpointing import acquire_run_lock, newest_verified_checkpoint, verify_checkpoint
 from ..config import SpectralDistillationConfig
 from ..data import (
     DataArguments,
@@ -44,6 +43,7 @@ from ..data import (
 )
 from ..errors import ConfigurationError
 from ..features import describe_taps
+from ..integrity import damaged
 from ..layer_map import format_layer_map, resolve_layer_map
 from ..models import (
     ARCHITECTURE_PRESETS,
@@ -57,6 +57,7 @@ from ..summary import RunSummary, write_json_atomic
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
 from .common import (
+    check_config_values,
     check_output_dir,
     exit_on_error,
     read_config_file,
@@ -136,6 +137,8 @@ class _RecipeParser(HfArgumentParser):
     """argparse prints its whole usage (hundreds of options) before an error: give the one line instead."""
 
     def error(self, message: str):
+        # The message quotes the user's value, which a YAML file can make multi-line: keep one line.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         raise ConfigurationError(f"{message}; see --help")
 
 
@@ -189,6 +192,11 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     return f" (did you mean {match[0]} for {name}?)" if match else ""
 
 
+def _key_name(key: Any) -> str:
+    """A config key as a message shows it: as written, or quoted when it is not plain text (``1``, ``'a\\nb'``)."""
+    return key if isinstance(key, str) and key.isprintable() and key else repr(key)
+
+
 def parse_arguments(
     argv: list[str], overrides: Optional[dict[str, Any]] = None
 ) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
@@ -205,9 +213,12 @@ def parse_arguments(
     for where, values in sources:
         unknown = [key for key in values if key not in known_dests]
         if unknown:
-            hint = "".join(_did_you_mean(key, sorted(known_dests)) for key in unknown[:1])
-            raise ConfigurationError(f"{where.split(':')[0]}: unknown option(s) {', '.join(unknown)}"
-                                     f"{' in ' + where.split(': ', 1)[1] if ': ' in where else ''}{hint}; see --help")
+            names = [_key_name(key) for key in unknown]  # YAML keys can be numbers, null, multi-line text
+            hint = _did_you_mean(names[0], sorted(known_dests))
+            where_text = f" in {where.split(': ', 1)[1]}" if ": " in where else ""
+            raise ConfigurationError(f"{where.split(':')[0]}: unknown option(s) {', '.join(names)}{where_text}{hint}; "
+                                     "see --help")
+        check_config_values(values, ARGUMENT_CLASSES, config_path if where.startswith("config") else where)
         parser.set_defaults(**values)
     argv, cleared = _normalise_argv(argv)
     parser.set_defaults(**{name: None for name in cleared})
@@ -257,17 +268,22 @@ def load_recipe(
 
 
 def resolve_resume(args: SpectralDistillationConfig) -> Optional[str]:
-    """``--resume_from_checkpoint true`` → the last complete checkpoint of output_dir; a path is checked."""
+    """The checkpoint folder to resume from, verified, or ``None``.
+
+    ``--resume_from_checkpoint true``: the newest checkpoint of output_dir that verifies; damaged newer
+    ones are skipped with a warning. An explicit path must verify: it is never silently replaced.
+    """
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "no", "none"):
         return None
     if str(value).lower() in ("true", "yes", "last", "1"):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            raise ConfigurationError(f"resume_from_checkpoint: no checkpoint-* folder in '{args.output_dir}' to resume from")
-        return last
+        return newest_verified_checkpoint(args.output_dir)
     if not os.path.isdir(value):
         raise ConfigurationError(f"resume_from_checkpoint: '{value}' is not a checkpoint folder")
+    problems = verify_checkpoint(value)
+    if problems:
+        raise damaged("resume_from_checkpoint", value, problems,
+                      "pass an earlier checkpoint, or --resume_from_checkpoint true to resume from the newest one that verifies")
     return value
 
 
