@@ -3,6 +3,7 @@
 #   make test      the test suite (offline)
 #   make dynamics  SpectralKD vs no-KD student: whose spectral profile is closer to the teacher's
 #   make bench     training-step and data-pipeline benchmarks (see bench/README.md)
+#   make ablation  no KD / soft KD / SpectralKD / feature MSE on the demo, 3 seeds: table + plot (≤ 15 min)
 #   make lint      ruff (pyflakes, bugbear, import order; settings in pyproject.toml)
 #   make test-fast the suite without the tests marked slow (over 20 s each)
 
@@ -12,7 +13,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: install demo test test-fast lint dynamics bench clean
+.PHONY: install demo test test-fast lint dynamics ablation bench clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_spectralkd recipes tests bench
+
+ablation: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd ablate recipes/configs/demo.yaml --output-dir outputs/ablation
 
 dynamics: $(STAMP)
 	$(OFFLINE) $(PY) recipes/run_dynamics.py

@@ -1,6 +1,7 @@
 """The ``hf-spectralkd`` command: distil, analyse models, choose layers, push finished runs.
 
     hf-spectralkd distill CONFIG.yaml [--option value ...]     (the recipe; --help lists its options)
+    hf-spectralkd ablate CONFIG.yaml [--seeds 0 1 2]           (no KD / soft KD / SpectralKD / feature MSE)
     hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num-images 64] [--output-dir DIR]
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
@@ -103,17 +104,30 @@ def _verify(options) -> int:
     return 0 if newest_ok and student_ok else 1
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import analyze
 
     parser = argparse.ArgumentParser(prog="hf-spectralkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
+    parser.add_argument("--version", action="version", version=f"hf-spectralkd {_version()}",
+                        help="Print the version and exit.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     distill = commands.add_parser(
         "distill", help="Distil a student (the training recipe): hf-spectralkd distill CONFIG.yaml [--option value ...].",
         add_help=False,
     )
+    ablate = commands.add_parser(
+        "ablate", help="Train a config's student as no KD / soft KD / SpectralKD / feature MSE over seeds; a table and a plot.",
+        add_help=False,
+    )
+    ablate.add_argument("ablate_arguments", nargs=argparse.REMAINDER, help="See `hf-spectralkd ablate --help`.")
     distill.add_argument("recipe_arguments", nargs=argparse.REMAINDER, help="A config file and options (see `hf-spectralkd distill --help`).")
 
     analyze_parser = commands.add_parser("analyze", help="Spectral profile, entropy, magnitudes, SVD rank and SEP of a model, with plots.")
@@ -163,6 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .distill import main as distill_main
 
         return distill_main(argv[1:])
+    if argv[:1] == ["ablate"]:  # options after the config go to every run of the recipe
+        from .ablate import main as ablate_main
+
+        return exit_on_error(ablate_main)(argv[1:])
     options = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return options.handler(options)

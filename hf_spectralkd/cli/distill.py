@@ -125,7 +125,7 @@ class ModelArguments:
         default=0,
         metadata={
             "help": "Record the student's spectral profile on a fixed evaluation batch every N steps (and at each "
-            "evaluation) into spectral_dynamics.jsonl and TensorBoard. 0 disables."
+            "evaluation): logged to the --report_to trackers and spectral_dynamics.jsonl. 0 disables."
         },
     )
 
@@ -340,6 +340,7 @@ def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, te
     Skipped under DeepSpeed ZeRO-3, where neither model's parameters are whole on any one process.
     """
     from ..analysis import compare_profiles, spectral_profile
+    from ..analysis.callback import log_figure
     from ..analysis.plots import plot_profile_comparison
     from ..hub import PROFILE_PLOT
 
@@ -349,11 +350,17 @@ def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, te
     teacher_pixels = pixel_values.to(device) if teacher_inputs is None else teacher_inputs(pixel_values.to(device))
     teacher_profile = spectral_profile(teacher.to(device), teacher_pixels, model_name="teacher")
     comparison = compare_profiles(student_profile, teacher_profile)
-    if trainer.is_world_process_zero():  # every rank computed (cheap, collective-free); one writes
+    # Every rank computed (cheap, collective-free) and logs; the trackers write on the main process.
+    trainer.log({"spectral/final_pearson_to_teacher": comparison.pearson,
+                 "spectral/final_distance_to_teacher": comparison.mean_abs_distance})
+    if trainer.is_world_process_zero():
         payload = {"teacher": teacher_profile.to_dict(), "student": student_profile.to_dict(), "comparison": comparison.to_dict()}
         Path(output_dir, "spectral_profiles.json").write_text(json.dumps(payload, indent=2))
-        plot_profile_comparison([teacher_profile, student_profile], ["teacher", "student"], Path(output_dir, PROFILE_PLOT),
-                                title=f"Spectral intensity, normalised (Pearson {comparison.pearson:.3f})")
+        figure = plot_profile_comparison([teacher_profile, student_profile], ["teacher", "student"],
+                                         Path(output_dir, PROFILE_PLOT),
+                                         title=f"Spectral intensity, normalised (Pearson {comparison.pearson:.3f})")
+        log_figure(trainer, "spectral/teacher_vs_student", figure, trainer.state.global_step)
+        figure.clf()
     return {"pearson": comparison.pearson, "mean_abs_distance": comparison.mean_abs_distance}
 
 
@@ -463,7 +470,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     if model_args.spectral_dynamics_steps > 0 and profile_batch is not None:
         from ..analysis import SpectralDynamicsCallback
 
-        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], every_n_steps=model_args.spectral_dynamics_steps))
+        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer,
+                                                      every_n_steps=model_args.spectral_dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(summary, args, data, layer_map), flush=True)
         resolved = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": args.to_dict()}
