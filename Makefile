@@ -4,6 +4,7 @@
 #   make test      the test suite (offline)
 #   make dynamics  SpectralKD vs no-KD student: whose spectral profile is closer to the teacher's
 #   make bench     training-step and data-pipeline benchmarks (see bench/README.md)
+#   make ablation  no KD / soft KD / SpectralKD / feature MSE on the demo, 3 seeds: table + plot (≤ 15 min)
 #   make lint      ruff (pyflakes, bugbear, import order; settings in pyproject.toml)
 #   make test-fast the suite without the tests marked slow (over 20 s each)
 
@@ -18,7 +19,7 @@ DEMO_CONFIG_vit      := recipes/configs/demo.yaml
 DEMO_CONFIG_widelast := recipes/configs/demo_widelast.yaml
 DEMO_CONFIG = $(or $(DEMO_CONFIG_$(STUDENT)),$(error STUDENT=$(STUDENT): expected vit or widelast))
 
-.PHONY: install demo demo-widelast test test-fast lint dynamics bench clean
+.PHONY: install demo demo-widelast test test-fast lint dynamics ablation bench clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_spectralkd recipes tests bench
+
+ablation: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd ablate recipes/configs/demo.yaml --output-dir outputs/ablation
 
 dynamics: $(STAMP)
 	$(OFFLINE) $(PY) recipes/run_dynamics.py

@@ -17,8 +17,14 @@ step_vs_parts = kd_fft / (teacher + student) (1.0 means no overhead beyond the t
 Also timed: the feature loss alone (closed-form default, rfft2 of the difference, and the naive
 two-transform reference) and, with --compare-inference-mode, the teacher under no_grad vs inference_mode.
 
+Also reported: model FLOPs per image of each mode (counted once with torch's FlopCounterMode), the
+achieved FLOP/s and the model FLOP utilisation (MFU: achieved ÷ the device's dense peak at the
+autocast dtype, from a table of known GPUs or --peak-tflops), and on CUDA the peak memory of each
+mode. --profile writes a torch.profiler trace of a few kd_fft steps and prints its top operators.
+
     python bench/step.py --batch-size 8 --steps 10
     python bench/step.py --device cuda --dtype bf16 --batch-size 256 --steps 30 [--compile-teacher]
+        [--teacher-dtype bf16] [--compile-student] [--fused-adamw] [--sync-every-step] [--profile trace.json]
 """
 
 from __future__ import annotations
@@ -46,6 +52,27 @@ from hf_spectralkd.models import ARCHITECTURE_PRESETS  # noqa: E402
 STUDENT_LAYERS = [0, 1, 6, 7, 8, 9, 10, 11]
 TEACHER_LAYERS = [0, 1, 18, 19, 20, 21, 22, 23]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Dense bf16/fp16 tensor-core peak (TFLOP/s) of GPUs this recipe is run on, by a substring of the device name.
+PEAK_TFLOPS_BF16 = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "RTX 4090": 165.2, "L40S": 362.1, "A10G": 70.0}
+
+
+def peak_tflops(device: torch.device, dtype: str, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda" or dtype == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_TFLOPS_BF16.items() if key in name), None)
+
+
+def count_flops(run) -> int:
+    """FLOPs of one call of ``run`` (matmuls, convolutions, attention) as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def build_models(num_labels: int):
@@ -106,6 +133,21 @@ def print_paired(summary: dict[str, dict[str, Any]]) -> None:
               f"(95 % CI of the median [{low:.4f}, {high:.4f}]; single iterations IQR [{s['iqr'][0]:.4f}, {s['iqr'][1]:.4f}])")
 
 
+def profile_steps(step, device: torch.device, trace_path: str, steps: int = 3) -> None:
+    """torch.profiler over ``steps`` calls of ``step``: a Chrome trace and the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            step()
+            synchronize(device)
+    prof.export_chrome_trace(trace_path)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    print(f"trace → {trace_path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8, help="Images per step. Default: 8.")
@@ -118,6 +160,15 @@ def main(argv=None) -> int:
                         help="Also time the teacher forward under torch.inference_mode (vs the trainer's no_grad).")
     parser.add_argument("--raw", action="store_true", help="Also print every measured time (ms) per mode.")
     parser.add_argument("--num-labels", type=int, default=1000, help="Classes. Default: 1000.")
+    parser.add_argument("--teacher-dtype", choices=sorted(DTYPES), default="fp32",
+                        help="Cast the teacher's weights (bf16 halves its weight reads; autocast still applies).")
+    parser.add_argument("--compile-student", action="store_true", help="torch.compile the student's forward.")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (one kernel for all parameters).")
+    parser.add_argument("--sync-every-step", action="store_true",
+                        help="Check for a non-finite loss in every step (a host-device synchronisation), as before 0.2.")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="Device peak for the MFU (default: known GPUs).")
+    parser.add_argument("--profile", default=None, metavar="TRACE.json",
+                        help="Also profile 3 kd_fft steps with torch.profiler: Chrome trace here, top operators printed.")
     options = parser.parse_args(argv)
     if options.steps < 2:
         parser.error(f"--steps: at least 2 measured iterations are needed for the paired ratios, got {options.steps}")
@@ -125,8 +176,11 @@ def main(argv=None) -> int:
     dtype = DTYPES[options.dtype]
 
     student, teacher = build_models(options.num_labels)
+    if options.teacher_dtype != "fp32":
+        teacher.to(DTYPES[options.teacher_dtype])
     common = dict(output_dir="/tmp/hf_spectralkd_bench", report_to=[], use_cpu=device.type == "cpu",
-                  bf16=options.dtype == "bf16", fp16=options.dtype == "fp16", disable_tqdm=True, teacher_compile=options.compile_teacher)
+                  bf16=options.dtype == "bf16", fp16=options.dtype == "fp16", disable_tqdm=True, teacher_compile=options.compile_teacher,
+                  nonfinite_check_interval=1 if options.sync_every_step else 0, teacher_check_images=0)
     configs = {
         "student": SpectralDistillationConfig(distillation_type="none", beta=0.0, **common),
         "kd": SpectralDistillationConfig(beta=0.0, **common),
@@ -135,7 +189,11 @@ def main(argv=None) -> int:
     trainers = {name: SpectralDistillationTrainer(model=student, teacher_model=teacher if name != "student" else None, args=args)
                 for name, args in configs.items()}
     student.to(device).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    if options.compile_student:
+        compiled = torch.compile(student)
+        for trainer in trainers.values():
+            trainer.model_wrapped = compiled
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=options.fused_adamw or None)
     prepared_teacher = trainers["kd"].teacher
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
 
@@ -149,7 +207,7 @@ def main(argv=None) -> int:
 
     def train_step(trainer):
         with autocast():
-            trainer.training_step(student, batch)  # the Trainer's own step: compute_loss + backward
+            trainer.training_step(trainer.model_wrapped, batch)  # the Trainer's own step: compute_loss + backward
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -177,7 +235,12 @@ def main(argv=None) -> int:
     }
     if options.compare_inference_mode:
         modes["teacher_inference_mode"] = lambda: teacher_forward(torch.inference_mode)
+    training = ("student", "kd", "kd_fft", "teacher")
+    flops = {}
+    for name in training:  # FLOPs per image; the backward of the training modes included
+        flops[name] = count_flops(modes[name]) / options.batch_size
     timings = {name: [] for name in modes}
+    peak_memory = {name: 0 for name in modes}
     order_rng = random.Random(0)
     for iteration in range(options.warmup + options.steps):
         # A fresh order each iteration: no mode always runs after the same one (warm caches, or a
@@ -187,12 +250,16 @@ def main(argv=None) -> int:
             gc.collect()  # a collection inside one mode's window would be charged to that mode alone
             gc.disable()
             synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
             run()
             synchronize(device)
             gc.enable()
             if iteration >= options.warmup:
                 timings[name].append(time.perf_counter() - started)
+                if device.type == "cuda":
+                    peak_memory[name] = max(peak_memory[name], torch.cuda.max_memory_allocated(device))
 
     median = {name: statistics.median(values) for name, values in timings.items()}
     summary = paired_summary(timings)
@@ -209,8 +276,15 @@ def main(argv=None) -> int:
     }
     if options.compare_inference_mode:
         result["inference_mode_vs_no_grad"] = round(median["teacher_inference_mode"] / median["teacher"], 4)
+    peak = peak_tflops(device, options.dtype, options.peak_tflops)
+    result["gflop_per_image"] = {name: round(flops[name] / 1e9, 2) for name in training}
+    result["achieved_tflops"] = {name: round(flops[name] * options.batch_size / median[name] / 1e12, 3) for name in training}
+    result["mfu"] = {name: round(v / peak, 4) for name, v in result["achieved_tflops"].items()} if peak else None
+    result["peak_tflops"] = peak
     if device.type == "cuda":
-        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["device_name"] = torch.cuda.get_device_name(device)
+        result["peak_memory_gib"] = {name: round(peak_memory[name] / 2**30, 2) for name in training}
+    result["options"] = {k: getattr(options, k) for k in ("teacher_dtype", "compile_student", "fused_adamw", "sync_every_step")}
     print(f"{'mode':<24}{'ms/step':>10}{'images/s':>10}")
     for name in modes:
         per_second = f"{options.batch_size / median[name]:.1f}" if name in result["images_per_s"] else ""
@@ -220,6 +294,14 @@ def main(argv=None) -> int:
     print_paired(summary)
     print(f"feature loss fwd+bwd: closed form {result['ms']['fft_loss_parseval']} ms, rfft2 {result['ms']['fft_loss_rfft2']} ms, "
           f"naive {result['ms']['fft_loss_naive']} ms ({result['loss_speedup_vs_naive']}x)")
+    print("GFLOP per image: " + ", ".join(f"{k} {v}" for k, v in result["gflop_per_image"].items())
+          + "; achieved TFLOP/s: " + ", ".join(f"{k} {v}" for k, v in result["achieved_tflops"].items())
+          + (f"; MFU (of {peak} TFLOP/s): " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in result["mfu"].items()) if peak else
+             "; MFU: n/a (no known peak for this device; give --peak-tflops)"))
+    if "peak_memory_gib" in result:
+        print("peak memory (GiB): " + ", ".join(f"{k} {v}" for k, v in result["peak_memory_gib"].items()))
+    if options.profile:
+        profile_steps(modes["kd_fft"], device, options.profile)
     if options.raw:
         print(json.dumps({"raw_ms": {name: [round(1000 * v, 2) for v in values] for name, values in timings.items()}}))
     print(json.dumps(result))

@@ -4,14 +4,16 @@ Public API::
 
     from hf_spectralkd import SpectralDistillationTrainer, SpectralDistillationConfig
     from hf_spectralkd import distillation_objective, spectral_alignment_loss, distillation_loss
+    from hf_spectralkd import load_recipe      # a shipped recipe config as arguments
 
 Importing the package registers the Lift and WideLast students (``hf_spectralkd.students``) with
 transformers' ``AutoConfig`` and ``AutoModelForImageClassification``.
 """
 
 from . import students  # noqa: F401  (registers the students with the Auto classes)
+from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
 from .config import SpectralDistillationConfig
-from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError
+from .errors import CheckpointSaveError, ConfigurationError, DamagedFileError, NonFiniteLossError, RunFailedError
 from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
 from .trainer import SpectralDistillationTrainer
 
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointSaveError",
     "ConfigurationError",
+    "DamagedFileError",
     "LossComponents",
     "NonFiniteLossError",
     "RunFailedError",
@@ -27,6 +30,7 @@ __all__ = [
     "SpectralDistillationTrainer",
     "distillation_loss",
     "distillation_objective",
+    "load_recipe",
     "spectral_alignment_loss",
     "__version__",
 ]

@@ -138,6 +138,34 @@ class SpectralDistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Alias of --label_smoothing_factor."},
     )
+    teacher_image_mean: Optional[list[float]] = field(
+        default=None,
+        metadata={
+            "help": "Normalisation mean the teacher was trained with, when the teacher does not carry it (an image "
+            "processor saved with it, or timm's pretrained_cfg). The student's batch is re-normalised for the teacher."
+        },
+    )
+    teacher_image_std: Optional[list[float]] = field(
+        default=None, metadata={"help": "Normalisation std the teacher was trained with (see --teacher_image_mean)."}
+    )
+    teacher_check_images: int = field(
+        default=256,
+        metadata={
+            "help": "Before the first step, score the teacher on this many evaluation images and stop if it is below "
+            "twice chance (wrong normalisation, label order or checkpoint). 0 disables."
+        },
+    )
+    scale_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale the learning rate with the global batch as DeiT does: the rate used is --learning_rate x "
+            "global_batch / 512 (--learning_rate is then the rate at a global batch of 512)."
+        },
+    )
+    base_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Set by --scale_lr: the --learning_rate given, before scaling (do not set it yourself)."},
+    )
     teacher_revision: Optional[str] = field(
         default=None,
         metadata={"help": "Branch, tag or commit of the teacher on the Hub when it is given by id."},
@@ -160,8 +188,15 @@ class SpectralDistillationConfig(TrainingArguments):
     stop_on_nonfinite_loss: bool = field(
         default=True,
         metadata={
-            "help": "Stop with an error naming the step and the loss component when a loss term is NaN or infinite, "
-            "before the optimizer step (the last checkpoint stays intact)."
+            "help": "Stop with an error naming the step and the loss component when a loss term is NaN or infinite; no "
+            "checkpoint is written after it (see --nonfinite_check_interval)."
+        },
+    )
+    nonfinite_check_interval: int = field(
+        default=0,
+        metadata={
+            "help": "Also check for a non-finite loss every N optimizer steps (1 = every step, which costs a host-device "
+            "synchronisation per step on a GPU). 0: only at each logging step, before every checkpoint and at the end."
         },
     )
     cpu_malloc_tuning: bool = field(
@@ -180,6 +215,12 @@ class SpectralDistillationConfig(TrainingArguments):
     )
     min_lr: float = field(default=1e-5, metadata={"help": "Final learning rate of the 'deit' schedule."})
     warmup_lr: float = field(default=1e-6, metadata={"help": "Starting learning rate of the 'deit' warmup."})
+    do_train: bool = field(
+        default=True, metadata={"help": "Train (the default). --do_train false --do_eval true only evaluates."}
+    )
+    do_eval: bool = field(
+        default=True, metadata={"help": "Evaluate the student (and the teacher) on the evaluation split at the end."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow training into an output_dir that already holds checkpoints of another run."},
@@ -222,6 +263,28 @@ class SpectralDistillationConfig(TrainingArguments):
         _check_number("label_smoothing_factor", self.label_smoothing_factor, 0.0, 1.0)
         if self.label_smoothing_factor >= 1.0:
             raise ConfigurationError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if isinstance(self.teacher_check_images, bool) or not isinstance(self.teacher_check_images, int) or (
+            self.teacher_check_images < 0
+        ):
+            raise ConfigurationError(
+                f"teacher_check_images must be a number of images >= 0 (0 disables the check), got {self.teacher_check_images!r}"
+            )
+        for name in ("teacher_image_mean", "teacher_image_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) not in (1, 3) or not all(math.isfinite(float(v)) for v in value)):
+                raise ConfigurationError(f"{name} must be 1 or 3 finite numbers (one per channel), got {value!r}")
+        if (self.teacher_image_mean is None) != (self.teacher_image_std is None):
+            raise ConfigurationError("teacher_image_mean and teacher_image_std go together: give both or neither")
+        if self.teacher_image_std is not None and any(float(v) <= 0 for v in self.teacher_image_std):
+            raise ConfigurationError(f"teacher_image_std must be positive, got {self.teacher_image_std!r}")
+        if self.do_predict:
+            raise ConfigurationError("do_predict: prediction is not part of this recipe; use --do_eval, or pipeline() on the student")
+        if isinstance(self.nonfinite_check_interval, bool) or not isinstance(self.nonfinite_check_interval, int) or (
+            self.nonfinite_check_interval < 0
+        ):
+            raise ConfigurationError(
+                f"nonfinite_check_interval must be a number of steps >= 0, got {self.nonfinite_check_interval!r}"
+            )
         _check_number("min_lr", self.min_lr, 0.0)
         _check_number("warmup_lr", self.warmup_lr, 0.0)
         if self.layer_map == "manual" and (self.student_layers or self.teacher_layers):
@@ -243,11 +306,20 @@ class SpectralDistillationConfig(TrainingArguments):
             raise
         except ValueError as error:  # TrainingArguments' own checks are about the user's options too
             raise ConfigurationError(str(error).strip().splitlines()[0]) from error
+        if self.scale_lr:
+            # Idempotent: dataclasses.replace() runs __post_init__ again with base_learning_rate already set.
+            if self.base_learning_rate is None:
+                self.base_learning_rate = self.learning_rate
+            self.learning_rate = self.base_learning_rate * self.global_batch_size / 512
         # Streaming datasets: every rank reads its own shards instead of rank 0 decoding everything
         # and broadcasting slices (accelerate's default for iterable datasets, a bottleneck).
         # Map-style datasets are unaffected.
         if getattr(self.accelerator_config, "dispatch_batches", None) is None:
             self.accelerator_config.dispatch_batches = False
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
 
     @property
     def uses_teacher_logits(self) -> bool:

@@ -2,6 +2,7 @@
 
 * :class:`ConfigurationError` (a ``ValueError``): the input is wrong (an argument, a file, a model
   or dataset that cannot be used). Raised before any training step; exit code 2.
+  :class:`DamagedFileError` is the case of a file that exists but is truncated or corrupt.
 * :class:`RunFailedError` (a ``RuntimeError``): a correct run could not go on (a non-finite loss, a
   checkpoint that could not be written). Exit code 1; what was saved before is intact.
 
@@ -29,3 +30,10 @@ class CheckpointSaveError(RunFailedError):
 
 class OutputDirLockedError(ConfigurationError):
     """Another live run holds ``output_dir``."""
+
+
+class DamagedFileError(ConfigurationError):
+    """A saved model, checkpoint or file is truncated, corrupt or incomplete (a partial copy or download).
+
+    The message reads ``<argument>: '<path>' is damaged (<what>): <what to do>``.
+    """

@@ -31,10 +31,10 @@ family                    tap ``i`` (0-based)
                           ``0 … L-2`` are width C
 ========================  =====================================================================
 
-Cost: for the HF families every block output is kept anyway for backward, so asking for hidden
-states only adds references to tensors that already exist, plus one reshape per *requested* tap
-(a view; ``contiguous`` copies happen later only where an op needs them). The timm wrapper is asked
-for the requested blocks only, so unrequested blocks are never collected.
+Cost: every model is asked for the requested blocks only (ViT/DeiT and the timm wrapper accept a
+list in ``output_hidden_states``; Swin's four stage outputs are small), so a teacher under no_grad
+never holds the untapped block outputs. For a student, autograd keeps every block output for
+backward anyway; the taps add one reshape (a view) per requested block.
 """
 
 from __future__ import annotations
@@ -155,7 +155,10 @@ def feature_forward_kwargs(model: nn.Module, layers: Sequence[int]) -> dict[str,
         return {"output_hidden_states": True, "output_hidden_states_before_downsampling": True}
     if family in _WIDE_LAST_TAP:  # the students return every block output (references) and Lift's lifted tokens
         return {"output_hidden_states": True}
-    return {"output_hidden_states": True}
+    # ViT/DeiT (transformers >= 5.23) keep only the hidden states listed, by their index in the full
+    # tuple (0 = embeddings); the others are None. A no_grad teacher then frees every untapped block
+    # output as soon as the next block has used it (bench/memory.py measures the peak).
+    return {"output_hidden_states": sorted(set(int(i) + 1 for i in layers))}
 
 
 def tokens_to_grid(tokens: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .errors import ConfigurationError
+from .integrity import check_model_folder
 from .students import CUSTOM_CODE_MODEL_TYPES
 from .summary import RunSummary
 
@@ -157,6 +158,7 @@ def push_run(
             f"output_dir: '{output_dir}' is not a finished run (missing {', '.join(missing)}); pass the folder "
             "run_distill.py wrote the final student to"
         )
+    check_model_folder(folder, "output_dir")  # never upload a truncated student
     readme = folder / "README.md"
     if readme.exists():
         card = ModelCard.load(str(readme))

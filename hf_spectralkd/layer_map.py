@@ -59,7 +59,8 @@ def build_layer_map(
     """Validate a student↔teacher layer map and return its pairs with shapes.
 
     Raises ``ConfigurationError`` for: unsupported model families, lists of different lengths, indices out of
-    range, different input image sizes, and pairs whose spatial sizes differ.
+    range, and pairs whose token grids differ. The two models may take inputs of different sizes
+    (the teacher's batch is resized) as long as paired layers have the same grid.
     """
     if len(student_layers) != len(teacher_layers):
         raise ConfigurationError(
@@ -69,19 +70,16 @@ def build_layer_map(
     student_taps, teacher_taps = describe_taps(student), describe_taps(teacher)
     check_layer_indices(student_layers, student_taps, "student_layers")
     check_layer_indices(teacher_layers, teacher_taps, "teacher_layers")
-    if student_taps.image_size != teacher_taps.image_size:
-        raise ConfigurationError(
-            f"student and teacher expect different input sizes: student {student_taps.image_size}, teacher "
-            f"{teacher_taps.image_size}; both see the same pixel_values, so use models configured for one size"
-        )
     pairs = []
     for s, t in zip(student_layers, teacher_layers):
         pair = LayerPair(s, t, student_taps.shape(s), teacher_taps.shape(t))
         if pair.student_shape[1:] != pair.teacher_shape[1:]:
+            (sh, sw), (th, tw) = student_taps.image_size, teacher_taps.image_size
             raise ConfigurationError(
                 f"student_layers/teacher_layers: student layer {s} is {pair.student_shape[1]}×{pair.student_shape[2]} "
-                f"but teacher layer {t} is {pair.teacher_shape[1]}×{pair.teacher_shape[2]} (H×W); paired layers "
-                "must have the same spatial size"
+                f"but teacher layer {t} is {pair.teacher_shape[1]}×{pair.teacher_shape[2]} (token grid H×W, inputs "
+                f"{sh}×{sw} and {th}×{tw}); paired layers need the same grid: pair layers at the same resolution, use a "
+                "teacher with the student's grid, or distil logits only (--beta 0)"
             )
         pairs.append(pair)
     return pairs
@@ -111,21 +109,6 @@ def resolve_layer_map(
     selection = select_layers(profile, describe_taps(student).num_layers)
     logger.info("layer_map='auto': %s (%s)", selection.as_arguments(), selection.rule)
     return build_layer_map(student, teacher, selection.student_layers, selection.teacher_layers)
-
-
-def num_labels(model: nn.Module) -> Optional[int]:
-    return getattr(getattr(unwrap_model(model), "config", None), "num_labels", None)
-
-
-def check_num_labels(student: nn.Module, teacher: nn.Module) -> None:
-    """Logit distillation compares class distributions, so both heads must have the same classes."""
-    n_student, n_teacher = num_labels(student), num_labels(teacher)
-    if n_student is not None and n_teacher is not None and n_student != n_teacher:
-        raise ConfigurationError(
-            f"teacher and student have different numbers of classes: teacher {n_teacher}, student {n_student}; "
-            "logit distillation needs the same label set (build the student with the teacher's id2label, or use "
-            "distillation_type='none' for feature-only distillation)"
-        )
 
 
 def format_layer_map(pairs: Sequence[LayerPair]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
@@ -27,6 +28,7 @@ from transformers import (
 )
 
 from .errors import ConfigurationError
+from .integrity import COPY_AGAIN, damaged, first_line, loading_problems, model_folder_problems, read_json
 from .students.presets import deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
 
 logger = logging.getLogger(__name__)
@@ -120,17 +122,19 @@ def _apply_labels(config: PretrainedConfig, id2label: Optional[dict[int, str]]) 
     return config
 
 
-def _resolved_revision(model: PreTrainedModel) -> Optional[str]:
-    """Commit sha of a Hub checkpoint, read from the local cache path it was loaded from."""
-    name = getattr(model.config, "_name_or_path", "") or ""
-    if _is_local(name) or not name:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
+def resolve_hub_revision(
+    repo_id: str, revision: Optional[str] = None, token: Optional[str] = None, cache_dir: Optional[str] = None
+) -> Optional[str]:
+    """The commit sha that ``revision`` (a branch, tag or sha; default the main branch) of a Hub model points to.
 
-        folder = snapshot_download(name, local_files_only=True, allow_patterns=["config.json"])
-        return Path(folder).name  # snapshots/<sha>
-    except Exception:  # noqa: BLE001 - the revision is informative only
+    huggingface_hub's ``resolve_revision`` asks the Hub and falls back to the local cache's refs when the
+    Hub cannot be reached (offline runs record the commit they loaded). ``None`` when neither knows.
+    """
+    from huggingface_hub import resolve_revision
+
+    try:
+        return resolve_revision(repo_id, revision=revision, token=token, cache_dir=cache_dir).resolved
+    except Exception:  # noqa: BLE001 - the revision is a record, never a reason to fail
         return None
 
 
@@ -159,6 +163,7 @@ def load_model(
     revision: Optional[str] = None,
     token: Optional[str] = None,
     trust_remote_code: bool = False,
+    cache_dir: Optional[str] = None,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Load an image classifier from a Hub id, a local folder, a ``config.json`` or a preset name.
@@ -170,16 +175,23 @@ def load_model(
         from_scratch: build from the config only, with random weights, even if weights exist.
         id2label: class names; when given, the classifier head is sized for them (a pretrained head of
             another size is re-initialised, as in fine-tuning).
-        revision, token, trust_remote_code: passed to ``from_pretrained`` for Hub ids.
+        revision, token, trust_remote_code, cache_dir: for Hub ids. ``revision`` is resolved to its commit
+            once (recorded in ``LoadedModel.revision``) and config and weights load from that commit.
 
     Raises:
-        ModelLoadError (a ``ValueError``) naming ``argument`` and the value when nothing loads.
+        ModelLoadError (a ``ValueError``) naming ``argument`` and the value when nothing loads;
+        DamagedFileError when a local config or weights file is truncated, corrupt or does not match
+        its ``config.json`` (checked before loading, from the files' headers).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ModelLoadError(f"{argument}: expected a model id, folder, config file or architecture name, got {name_or_path!r}")
-    hub_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-    label_kwargs = _label_kwargs(id2label)
     path = Path(os.path.expanduser(name_or_path))
+    resolved = None
+    if not path.exists() and name_or_path not in ARCHITECTURE_PRESETS:
+        resolved = resolve_hub_revision(name_or_path, revision, token, cache_dir)
+    hub_kwargs = {"revision": resolved or revision, "token": token, "trust_remote_code": trust_remote_code,
+                  "cache_dir": cache_dir}
+    label_kwargs = _label_kwargs(id2label)
     try:
         if name_or_path in ARCHITECTURE_PRESETS and not path.exists():
             config = _apply_labels(ARCHITECTURE_PRESETS[name_or_path](), id2label)
@@ -190,28 +202,47 @@ def load_model(
         if path.is_file():
             if path.suffix != ".json":
                 raise ModelLoadError(f"{argument}: '{name_or_path}' is a file but not a config JSON")
-            config_dict = json.loads(path.read_text())
+            config_dict, problem = read_json(path)
+            if problem or not isinstance(config_dict, dict):
+                raise damaged(argument, name_or_path, [problem or f"{path.name} does not hold a JSON object"],
+                              "fix or replace the file")
+            if "model_type" not in config_dict:
+                raise ModelLoadError(f"{argument}: '{name_or_path}' has no model_type (expected a config.json written by "
+                                     "save_pretrained)")
             config = AutoConfig.for_model(**config_dict)
             model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
             return LoadedModel(model, name_or_path, "scratch")
         if path.is_dir() and not (path / "config.json").exists():
             raise ModelLoadError(f"{argument}: folder '{name_or_path}' has no config.json (expected a save_pretrained folder)")
+        if path.is_dir():  # before transformers reads it: a truncated file there ends in a Rust traceback
+            problems = model_folder_problems(path, with_weights=not from_scratch)
+            if problems:
+                raise damaged(argument, name_or_path, problems)
         if from_scratch or (path.is_dir() and not _has_weights(path)):
             config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
             model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
             return LoadedModel(model, name_or_path, "scratch")
-        model = AutoModelForImageClassification.from_pretrained(
+        local = path.is_dir()
+        loaded = AutoModelForImageClassification.from_pretrained(
             name_or_path,
             **hub_kwargs,
             **label_kwargs,
-            ignore_mismatched_sizes=bool(label_kwargs),
+            ignore_mismatched_sizes=bool(label_kwargs) or local,  # a local folder's mismatches are reported below
+            output_loading_info=local,
             **model_kwargs,
         )
-    except ModelLoadError:
+        model, info = loaded if local else (loaded, None)
+        problems = loading_problems(info, model, new_head=bool(label_kwargs)) if info is not None else []
+        if problems:
+            raise damaged(argument, name_or_path, problems, "save the model again with save_pretrained, or copy it again")
+    except ConfigurationError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError, StrictDataclassError) as error:
         raise _friendly_load_error(argument, name_or_path, error) from error
-    return LoadedModel(model, name_or_path, "pretrained", revision=_resolved_revision(model) or revision)
+    except SafetensorError as error:  # a Hub download cut short in the cache (local folders are checked above)
+        raise damaged(argument, name_or_path, [first_line(error)],
+                      f"{COPY_AGAIN} (delete it from the Hugging Face cache first)") from error
+    return LoadedModel(model, name_or_path, "pretrained", revision=resolved or revision)
 
 
 def ensure_deepspeed_distributed(args) -> None:

@@ -78,12 +78,14 @@ class RunSummary:
     max_steps: Optional[int] = None
     per_device_train_batch_size: Optional[int] = None
     global_batch_size: Optional[int] = None
-    learning_rate: Optional[float] = None
+    learning_rate: Optional[float] = None  # the rate used (after --scale_lr)
+    base_learning_rate: Optional[float] = None  # --learning_rate before --scale_lr, when scaled
     lr_schedule: Optional[str] = None
     weight_decay: Optional[float] = None
     precision: Optional[str] = None
     seed: Optional[int] = None
     # --- results ---
+    teacher_check_accuracy: Optional[float] = None  # top-1 on the first evaluation images, before training
     teacher_accuracy: Optional[float] = None
     teacher_top5: Optional[float] = None
     student_accuracy: Optional[float] = None
@@ -149,6 +151,7 @@ class RunSummary:
             per_device_train_batch_size=args.per_device_train_batch_size,
             global_batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
             learning_rate=args.learning_rate,
+            base_learning_rate=args.base_learning_rate if args.scale_lr else None,
             lr_schedule=_schedule_name(args),
             weight_decay=args.weight_decay,
             precision=_precision(args),

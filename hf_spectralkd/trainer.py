@@ -8,9 +8,11 @@ teacher is a frozen, eval-mode attribute prepared for the launch mode (docs/desi
 * DeepSpeed: its own inference engine, ZeRO-3 sharded when training is ZeRO-3, otherwise stage 0
   (a replica), as TRL does.
 
-Per step: one teacher forward under ``no_grad`` and one student forward on the same augmented
-batch, each asked only for the tapped hidden states, then
-:func:`~hf_spectralkd.losses.distillation_objective`. Its three raw components are logged as
+Per step: one teacher forward under ``no_grad`` on the same augmented batch, re-normalised and
+resized for the teacher when it expects other inputs, its logits put in the student's class order
+(:mod:`.teacher`); one student forward; each asked only for the tapped hidden states; then
+:func:`~hf_spectralkd.losses.distillation_objective`. Before the first step the teacher is scored on a
+few evaluation images and a teacher near chance stops the run. Its three raw components are logged as
 ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over the logging window and over
 processes. Checkpointing, the model card and the optimizer details live in their own mixins
 (:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`).
@@ -21,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from typing import Any, Optional, Union
 
@@ -29,12 +30,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.trainer_utils import get_last_checkpoint
 
-from .checkpointing import AtomicCheckpointMixin, acquire_run_lock
+from .checkpointing import AtomicCheckpointMixin, acquire_run_lock, newest_verified_checkpoint
 from .config import SpectralDistillationConfig
 from .data import DatasetEpochCallback, ImageClassificationCollator, first_images
-from .errors import ConfigurationError, NonFiniteLossError
+from .errors import ConfigurationError
 from .features import (
     describe_taps,
     extract_features,
@@ -42,13 +42,23 @@ from .features import (
     model_family,
 )
 from .hub import ModelCardMixin
-from .layer_map import LayerPair, check_num_labels, resolve_layer_map
+from .layer_map import LayerPair, resolve_layer_map
 from .losses import distillation_objective
 from .metrics import topk_accuracy, topk_indices
 from .models import LoadedModel, load_model
+from .nonfinite import NonFiniteWatch
 from .optimization import DeiTOptimizationMixin
 from .perf import keep_freed_memory
+from .preprocessing import (
+    InputAdapter,
+    InputSpec,
+    configured_size,
+    input_spec_of,
+    spec_from_processor,
+    teacher_input_adapter,
+)
 from .summary import RunSummary
+from .teacher import TeacherCheckError, check_teacher, run_teacher, teacher_check_threshold, teacher_label_order
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,10 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             images of the evaluation or training set).
         summary: the run's record for cards and ``results.json``; by default described from the
             models and ``args``.
+        student_inputs: how the batches are normalised (:class:`~hf_spectralkd.preprocessing.InputSpec`);
+            by default read from ``processing_class`` (the image processor saved with the student).
+        teacher_inputs: what the teacher expects; by default ``args.teacher_image_mean/std``, else read
+            from the teacher (its image processor when given by id or folder, timm's ``pretrained_cfg``).
         **kwargs: everything ``transformers.Trainer`` accepts (datasets, collator, callbacks, ...).
             ``compute_metrics`` defaults to top-1/top-5 accuracy and the collator to
             :class:`~hf_spectralkd.data.ImageClassificationCollator`.
@@ -90,6 +104,8 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         teacher_kwargs: Optional[dict[str, Any]] = None,
         layer_map: Optional[list[LayerPair]] = None,
         summary: Optional[RunSummary] = None,
+        student_inputs: Optional[InputSpec] = None,
+        teacher_inputs: Optional[InputSpec] = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -108,8 +124,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
-        if teacher is not None and args.uses_teacher_logits:
-            check_num_labels(model, teacher)
+        label_order = teacher_label_order(model, teacher) if teacher is not None and args.uses_teacher_logits else None
         # Checked before Trainer.__init__, which may already contact the Hub.
         if layer_map is None:
             layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs))
@@ -124,6 +139,16 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
                 args.feature_loss, args.beta, [p.student for p in self.layer_map], [p.teacher for p in self.layer_map],
             )
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        self.teacher_label_order = label_order
+        self.teacher_inputs: Optional[InputAdapter] = None
+        if teacher is not None:
+            teacher_inputs = teacher_inputs or input_spec_of(
+                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
+                mean=args.teacher_image_mean, std=args.teacher_image_std,
+            )
+            student_inputs = student_inputs or spec_from_processor(kwargs.get("processing_class"))
+            adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(model))
+            self.teacher_inputs = adapter.to(args.device) if adapter is not None else None
         self.summary = summary or RunSummary.describe(
             args, model, teacher, self.layer_map,
             student_source=student_info.source if student_info else None,
@@ -137,6 +162,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         self._loss_counts = {"train": 0, "eval": 0}
         self._skipped_images = 0
         self._feature_key = f"loss_{args.feature_loss}"
+        self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
 
     # ------------------------------------------------------------------------------------------
     # Teacher
@@ -198,14 +224,48 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         engine.eval()
         return engine
 
+    def check_teacher(self) -> Optional[float]:
+        """Score the teacher on the first ``args.teacher_check_images`` evaluation images; stop if near chance.
+
+        Returns the top-1 (``None`` when there is nothing to check). Runs through the same input
+        adaptation and label order as distillation, so it checks what the KD targets will be.
+        """
+        args = self.args
+        if (args.teacher_check_images <= 0 or self.teacher is None or not args.uses_teacher_logits
+                or self.eval_dataset is None or isinstance(self.eval_dataset, dict)):
+            return None
+        top1, scored = check_teacher(
+            self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
+            self.teacher_inputs, self.teacher_label_order,
+        )
+        num_classes = getattr(self.model.config, "num_labels", None) or 1
+        threshold = teacher_check_threshold(num_classes)
+        logger.info("teacher check: %.1f %% top-1 on the first %d evaluation images (chance %.1f %%)",
+                    100 * top1, scored, 100 / num_classes)
+        self.summary.teacher_check_accuracy = top1
+        if top1 < threshold:
+            inputs = self.teacher_inputs.describe() if self.teacher_inputs is not None else "none"
+            raise TeacherCheckError(
+                f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on the first {scored} evaluation "
+                f"images, below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
+                f"Check its normalisation (input adaptation: {inputs}; set --teacher_image_mean/--teacher_image_std), "
+                "its label order (its id2label against the dataset's class names) and that the checkpoint is the one "
+                "you meant; --teacher_check_images 0 skips this check"
+            )
+        return top1
+
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
-        """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding."""
+        """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding.
+
+        ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies (a damaged
+        newer one is skipped with a warning); the Trainer and the stream's fast-forward get that path.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir)
         if resume_from_checkpoint and not self.args.ignore_data_skip and hasattr(self.train_dataset, "fast_forward"):
             checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
             state_file = os.path.join(str(checkpoint), "trainer_state.json")
-            if checkpoint and os.path.isfile(state_file):
+            if os.path.isfile(state_file):
                 with open(state_file, encoding="utf-8") as handle:
                     global_step = json.load(handle)["global_step"]
                 self.train_dataset.fast_forward(
@@ -213,7 +273,10 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
                 )
         lock = acquire_run_lock(self.accelerator, self.args.output_dir)
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            self.check_teacher()
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._check_finite()
+            return result
         finally:
             if lock is not None:
                 lock.release()
@@ -240,28 +303,24 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         teacher_logits, teacher_maps = None, []
         if use_teacher:
             # Teacher first: its large temporaries are freed before the student's activations are
-            # allocated and kept for backward, which measured faster on CPU (bench/README.md). Only
-            # its logits and the requested maps outlive this block: the other block outputs an HF
-            # model returns with output_hidden_states are dropped before the student runs.
-            with torch.no_grad():
-                teacher_outputs = self.teacher(
-                    pixel_values=pixel_values, **feature_forward_kwargs(self.teacher, teacher_layers)
-                )
-                teacher_logits = teacher_outputs.logits
-                if use_features:
-                    teacher_maps = extract_features(self.teacher, teacher_outputs, teacher_layers)
-                del teacher_outputs
+            # allocated and kept for backward, which measured faster on CPU (bench/README.md).
+            teacher_logits, teacher_maps = run_teacher(
+                self.teacher, pixel_values, teacher_layers, self.teacher_inputs, self.teacher_label_order
+            )
         outputs = model(pixel_values=pixel_values, **feature_forward_kwargs(model, student_layers))
         student_maps = extract_features(model, outputs, student_layers) if use_features else []
         losses = distillation_objective(
             outputs.logits, labels, teacher_logits, student_maps, teacher_maps,
             alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-            distillation_type=args.distillation_type if use_teacher else "none",
+            distillation_type=args.distillation_type if use_teacher and args.uses_teacher_logits else "none",
             feature_loss=args.feature_loss, label_smoothing=args.label_smoothing_factor,
         )
         components = torch.stack([losses.ce.detach(), losses.kd.detach(), losses.feature.detach()]).float()
         if mode == "train" and args.stop_on_nonfinite_loss:
-            self._check_finite(components)
+            step = self.state.global_step + 1
+            self._nonfinite.update(components, step)  # on the device: no synchronisation here
+            if args.nonfinite_check_interval and step % args.nonfinite_check_interval == 0:
+                self._check_finite(step)
         sums = self._loss_sums[mode]
         self._loss_sums[mode] = components if sums is None else sums + components
         self._loss_counts[mode] += 1
@@ -270,21 +329,18 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             return losses.total, ImageClassifierOutput(logits=outputs.logits)
         return losses.total
 
-    def _check_finite(self, components: torch.Tensor) -> None:
-        """Raise on a NaN/inf loss term on any process, on every process at once (no rank left waiting)."""
-        bad = (~torch.isfinite(components)).any().float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if not bool(bad > 0):
-            return
-        names = ("loss_ce", "loss_kd", self._feature_key)
-        bad_terms = [f"{n}={v:.4g}" for n, v in zip(names, components.tolist()) if not math.isfinite(v)]
-        where = ", ".join(bad_terms) if bad_terms else "on another process"
-        raise NonFiniteLossError(
-            f"non-finite loss at step {self.state.global_step + 1}: {where}. Training stopped before the "
-            f"optimizer step; the last checkpoint in {self.args.output_dir} is intact. Lower the learning rate, "
-            "check the inputs, or resume from the last checkpoint."
-        )
+    def _check_finite(self, step: Optional[int] = None) -> None:
+        """Stop on a non-finite loss component seen so far (a collective on several processes).
+
+        ``step``: the step being computed; default the last completed one (at logs, saves, the end).
+        """
+        if self.args.stop_on_nonfinite_loss:
+            detected_at = self.state.global_step if step is None else step
+            self._nonfinite.check(self.accelerator, detected_at, self.args.output_dir)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        self._check_finite()  # never write weights a non-finite loss has touched
+        super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------------------
     # Logging
@@ -302,6 +358,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
                 logs[prefix + name] = round(value, 6)
             self._loss_sums[mode], self._loss_counts[mode] = None, 0
             if mode == "train":
+                self._check_finite()
                 skipped = torch.tensor(float(self._skipped_images), device=self.args.device)
                 logs["skipped_images"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
         super().log(logs, start_time)

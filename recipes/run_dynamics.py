@@ -22,7 +22,7 @@ from transformers import AutoModelForImageClassification
 
 from hf_spectralkd.analysis import compare_profiles, spectral_profile
 from hf_spectralkd.analysis.plots import plot_profile_comparison
-from hf_spectralkd.data import load_image_datasets
+from hf_spectralkd.data import first_images, load_image_datasets
 from hf_spectralkd.features import describe_taps
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     model_args, data_args, args = run_distill.parse_arguments([options.config])
     teacher = AutoModelForImageClassification.from_pretrained(model_args.teacher).eval()
     data = load_image_datasets(data_args, describe_taps(teacher).image_size[0], seed=args.seed)
-    pixel_values = run_distill.fixed_eval_batch(data, options.num_images)
+    pixel_values = first_images(data.eval, options.num_images)
 
     teacher_profile = spectral_profile(teacher, pixel_values, model_name="teacher")
     profiles, report = [teacher_profile], {"teacher": teacher_profile.to_dict(), "students": {}}

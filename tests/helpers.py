@@ -135,14 +135,18 @@ RECIPE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def tiny_run_args(saved_models, dataset, output_dir, *extra):
-    """A working recipe command line: tiny CaiT teacher, tiny ViT student, 4 steps on CPU."""
+    """A working recipe command line: tiny CaiT teacher, tiny ViT student, 4 steps on CPU.
+
+    The random-weight teacher is near chance, so the teacher check before training is off here; tests of
+    the check turn it on.
+    """
     return [
         "--teacher", saved_models["teacher"], "--student", saved_models["student_config"], "--dataset", dataset,
         "--output_dir", str(output_dir), "--max_steps", "4", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "2",
         "--student_layers", "0", "2", "--teacher_layers", "0", "3", "--auto_augment", "none", "--reprob", "0",
         "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "2", "--use_cpu", "true",
-        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
+        "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", "--teacher_check_images", "0", *extra,
     ]
 
 
@@ -169,3 +173,33 @@ def run_recipe_process(argv, check: bool = True, script=RECIPE, timeout: int = 3
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged files
+# ------------------------------------------------------------------------------------------------
+def truncate(path, keep: float = 0.5) -> None:
+    """Cut a file to a fraction of its size, as an interrupted copy leaves it."""
+    path = Path(path)
+    os.truncate(path, int(path.stat().st_size * keep))
+
+
+def flip_byte(path, offset: int = -100) -> None:
+    """Flip one bit of one byte (negative offsets count from the end: inside the tensor data)."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def fake_checkpoint(folder, step: int):
+    """A small ``checkpoint-N`` as the trainer writes it (weights, config, trainer state, manifest)."""
+    import json
+
+    from hf_spectralkd.checkpointing import write_manifest
+
+    folder = Path(folder)
+    tiny_vit(num_labels=3).save_pretrained(folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    write_manifest(str(folder))
+    return folder

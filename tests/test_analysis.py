@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -222,3 +223,29 @@ def test_compare_profiles_shape_similarity():
     shallower = compare_profiles(list(np.linspace(0, 1, 12)), list(np.linspace(5, 9, 24)))
     assert shallower.pearson == pytest.approx(1.0) and len(shallower.per_layer_distance) == 12
     assert math.isnan(compare_profiles([1.0, 1.0], teacher).pearson)
+
+
+def test_spectral_dynamics_reach_the_trackers_through_trainer_log(saved_models, imagefolder, tmp_path):
+    """TensorBoard receives the per-layer intensities, the final similarity and both figures; `none` sends nothing."""
+    import run_distill
+    from helpers import tiny_run_args
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    argv = tiny_run_args(saved_models, imagefolder, out, "--spectral_dynamics_steps", "2", "--report_to", "tensorboard",
+                         "--profile_images", "8")
+    assert run_distill.main(argv) == 0
+    events = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"train/spectral/intensity_layer_00", "train/spectral/intensity_layer_02",
+            "train/spectral/final_pearson_to_teacher"} <= scalars, scalars
+    assert {"spectral/intensity", "spectral/teacher_vs_student"} <= images
+    logged = [e for e in json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+              if "spectral/intensity_layer_00" in e]
+    assert [e["step"] for e in logged] == [0, 2, 4]  # start, every 2 steps (the end is step 4 too)
+
+    quiet = tmp_path / "quiet"
+    assert run_distill.main(tiny_run_args(saved_models, imagefolder, quiet, "--spectral_dynamics_steps", "2")) == 0
+    assert not (quiet / "runs").exists()  # report_to none: no tracker files at all
+    assert len((quiet / "spectral_dynamics.jsonl").read_text().splitlines()) == 3

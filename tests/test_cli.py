@@ -159,3 +159,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys, image_folder):
     assert err.startswith("error: model: cannot load") and err.count("\n") == 1
     assert main(["push", str(tmp_path), "--repo-id", "me/x"]) == 2
     assert "is not a finished run" in capsys.readouterr().err
+
+
+def test_ablate_trains_each_row_over_seeds_and_writes_a_table(saved_models, imagefolder, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"teacher: {saved_models['teacher']}\nstudent: {saved_models['student_config']}\ndataset: {imagefolder}\n"
+        "student_layers: [0, 2]\nteacher_layers: [0, 3]\nmax_steps: 2\nper_device_train_batch_size: 4\n"
+        "auto_augment: none\nreprob: 0\neval_strategy: 'no'\nprofile_images: 0\nteacher_check_images: 0\n"
+        "use_cpu: true\ndisable_tqdm: true\noutput_dir: unused\n"
+    )
+    out = tmp_path / "ablation"
+    assert main(["ablate", str(config), "--seeds", "0", "1", "--rows", "no KD", "SpectralKD", "--output-dir", str(out),
+                 "--learning_rate", "1e-3"]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert [r["row"] for r in report["rows"]] == ["no KD", "SpectralKD"] and report["extra_options"] == ["--learning_rate", "1e-3"]
+    for row in report["rows"]:
+        per_seed = [100 * run["top1"] for run in report["runs"][row["row"]]]
+        assert row["seeds"] == [0, 1] and row["mean"] == pytest.approx(sum(per_seed) / 2, abs=0.01)
+        assert row["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5, abs=0.01)
+    no_kd = json.loads((out / "no_kd" / "seed1" / "results.json").read_text())
+    assert (no_kd["distillation_type"], no_kd["beta"], no_kd["teacher"]) == ("none", 0.0, None)
+    assert (out / "ablation.png").exists() and "| SpectralKD |" in (out / "ablation.md").read_text()

@@ -32,7 +32,8 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
 def check_finished_run(output_dir: Path) -> dict:
     results = json.loads((output_dir / "results.json").read_text())
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "run_config.json"):
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "run_config.json",
+                 "train_results.json", "eval_results.json", "all_results.json", "trainer_state.json"):
         assert (output_dir / name).exists(), name
     assert results["student_accuracy"] is not None and results["teacher_accuracy"] is not None
     assert [pair["teacher"] for pair in results["layer_map"]] == [0, 3]
@@ -46,6 +47,30 @@ def test_recipe_on_local_imagefolder(imagefolder, saved_models, tmp_path):
     results = check_finished_run(tmp_path / "out")
     assert results["global_steps"] == 4
     assert (tmp_path / "out" / "checkpoint-4").is_dir() and not (tmp_path / "out" / ".checkpoint-staging").exists()
+
+
+def test_evaluate_only_scores_a_saved_student_as_pipeline_does(saved_models, tmp_path):
+    from helpers import make_imagefolder
+    from transformers import pipeline
+
+    data = make_imagefolder(tmp_path / "data", per_class=8, eval_per_class=70)  # 210 evaluation images
+    trained = tmp_path / "trained"
+    assert run_distill.main(tiny_run_args(saved_models, data, trained, "--max_steps", "8", "--eval_strategy", "no",
+                                          "--profile_images", "0", "--evaluate_teacher", "false")) == 0
+    out = tmp_path / "evaluated"
+    assert run_distill.main(["--do_train", "false", "--do_eval", "true", "--student", str(trained), "--dataset", data,
+                             "--teacher", saved_models["teacher"], "--output_dir", str(out), "--use_cpu", "true",
+                             "--report_to", "none", "--per_device_eval_batch_size", "64", "--disable_tqdm", "true"]) == 0
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert json.loads((out / "all_results.json").read_text())["eval_top1"] == metrics["eval_top1"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["student_accuracy"] == metrics["eval_top1"] and results["teacher_accuracy"] is not None
+    assert results["global_steps"] == 0 and not (out / "model.safetensors").exists()  # nothing was trained or saved
+
+    files = sorted((Path(data) / "validation").rglob("*.png"))
+    predictions = pipeline("image-classification", model=str(trained))([Image.open(f) for f in files], top_k=1)
+    expected = np.mean([p[0]["label"] == f.parent.name for p, f in zip(predictions, files)])
+    assert metrics["eval_top1"] == pytest.approx(expected, abs=0.005)
 
 
 def test_recipe_on_local_parquet_with_custom_columns(parquet_dataset, saved_models, tmp_path):
@@ -141,6 +166,41 @@ def test_paper_configs_hold_the_paper_hyperparameters():
     assert deit.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and deit.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
     _, _, swin = run_distill.parse_arguments([str(ROOT / "recipes/configs/swin_tiny_from_swin_small.yaml"), "--use_cpu", "true"])
     assert (swin.beta, swin.num_train_epochs, swin.student_layers, swin.teacher_layers) == (0.05, 500, [0, 1, 2, 3], [0, 1, 2, 3])
+
+
+def yaml_values(path: Path) -> dict:
+    """A config's values read independently of the library: the YAML and its `base:` chain."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    base = data.pop("base", None)
+    return {**(yaml_values(path.parent / base) if base else {}), **data}
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_from_cait_s24", "deit_tiny_from_cait_s24_dd300", "deit_tiny_hard_kd"])
+def test_load_recipe_gives_the_python_api_exactly_the_shipped_recipe(name):
+    from hf_spectralkd import load_recipe
+
+    path = ROOT / "recipes" / "configs" / f"{name}.yaml"
+    objects = load_recipe(str(path), output_dir="runs/api", use_cpu=True)
+    expected = yaml_values(path)
+    for key, value in expected.items():
+        if key in ("output_dir", "dataloader_pin_memory"):  # overridden here; TrainingArguments turns pinning off on CPU
+            continue
+        holder = next(obj for obj in objects if hasattr(obj, key))
+        got = getattr(holder, "base_learning_rate" if key == "learning_rate" else key)
+        got = getattr(got, "value", got)  # enums such as lr_scheduler_type / report_to lists
+        if key == "report_to":
+            got = got[0] if isinstance(got, list) and len(got) == 1 else got
+        assert got == value, (key, got, value)
+    model_args, data_args, args = objects
+    assert args.output_dir == "runs/api" and args.scale_lr
+    assert args.learning_rate == pytest.approx(expected["learning_rate"] * args.global_batch_size / 512)
+    assert args.max_steps == -(-int(args.num_train_epochs * 1_281_167) // args.global_batch_size)  # epochs of ImageNet
+    if name == "deit_tiny_hard_kd":
+        assert (args.distillation_type, args.alpha, args.beta) == ("hard", 0.5, 0.0)
+    # The README's API example is this call.
+    assert 'load_recipe("recipes/configs/deit_tiny_from_cait_s24.yaml"' in (ROOT / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import signal
@@ -17,12 +19,15 @@ from helpers import (
     RECIPE,
     RECIPE_ENV,
     SyntheticImageDataset,
+    fake_checkpoint,
+    flip_byte,
     run_and_capture,
     run_recipe_process,
     tiny_cait,
     tiny_run_args,
     tiny_swin,
     tiny_vit,
+    truncate,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,17 +49,65 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, saved_models):
     """Models and files that the table below points at."""
+    import json
+    import shutil
+
     from transformers import ResNetConfig, ResNetForImageClassification
 
     root = tmp_path_factory.mktemp("bad_inputs")
     ResNetForImageClassification(ResNetConfig(num_labels=3, hidden_sizes=[8, 8, 8, 8], embedding_size=8)).save_pretrained(root / "resnet")
     tiny_swin(num_labels=3).config.save_pretrained(root / "swin_student")
     tiny_cait(num_labels=7).save_pretrained(root / "teacher7")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit48 = tiny_vit(num_labels=3)
+    ViTForImageClassification(ViTConfig(**{**vit48.config.to_dict(), "image_size": 48})).save_pretrained(root / "teacher48")
+    other_classes = tiny_cait(num_labels=3)
+    other_classes.config.id2label = {0: "x", 1: "y", 2: "z"}
+    other_classes.config.label2id = {"x": 0, "y": 1, "z": 2}
+    other_classes.save_pretrained(root / "teacher_xyz")
     (root / "a_file").write_text("not a folder")
     previous = root / "previous_run" / "checkpoint-5"
     previous.mkdir(parents=True)
+
+    # Damaged copies of the working teacher and student, as interrupted copies and downloads leave them.
+    def teacher_copy(name: str) -> Path:
+        return Path(shutil.copytree(saved_models["teacher"], root / name))
+
+    truncate(teacher_copy("teacher_truncated") / "model.safetensors")
+    zeros = teacher_copy("teacher_zeros") / "model.safetensors"
+    zeros.write_bytes(bytes(zeros.stat().st_size))  # a failed copy that allocated the file and wrote nothing
+    (teacher_copy("teacher_bad_config") / "config.json").write_text('{"architecture": "cait_s24_224",')
+    mismatch = teacher_copy("teacher_mismatch") / "config.json"
+    config = json.loads(mismatch.read_text())
+    config["model_args"]["embed_dim"] = 32  # the config of another model beside these weights
+    mismatch.write_text(json.dumps(config))
+    tiny_cait(num_labels=3).save_pretrained(root / "teacher_sharded", max_shard_size="300KB")
+    shards = sorted((root / "teacher_sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    tiny_vit(num_labels=3).save_pretrained(root / "student_truncated")
+    truncate(root / "student_truncated" / "model.safetensors", keep=0.9)
+    (root / "broken_config").mkdir()
+    (root / "broken_config" / "config.json").write_text("model_type: vit")  # YAML where JSON belongs
+
+    # Config files
+    (root / "latin1.yaml").write_bytes("alpha: 0.5  # réglé\n".encode("latin-1"))
+    for name, base in (("loop_a", "loop_b"), ("loop_b", "loop_a"), ("tri_a", "tri_b"), ("tri_b", "tri_c"), ("tri_c", "tri_a")):
+        (root / f"{name}.yaml").write_text(f"base: {base}.yaml\nalpha: 0.5\n")
+    (root / "folder.yaml").mkdir()
+    (root / "base_list.yaml").write_text("base: [a.yaml, b.yaml]\n")
+    (root / "wrong_type.yaml").write_text("max_steps: [4]\n")
+    (root / "number_key.yaml").write_text("1: 2\n")
+
+    # Runs to resume: every checkpoint damaged; an explicit checkpoint with a flipped byte or a cut state
+    truncate(fake_checkpoint(root / "damaged_run" / "checkpoint-4", 4) / "model.safetensors")
+    (fake_checkpoint(root / "damaged_run" / "checkpoint-2", 2) / "trainer_state.json").write_text('{"global_step": 2')
+    flip_byte(fake_checkpoint(root / "flipped_run" / "checkpoint-2", 2) / "model.safetensors")
+    (fake_checkpoint(root / "cut_state_run" / "checkpoint-2", 2) / "trainer_state.json").write_text("")
     return {"root": root, "resnet": str(root / "resnet"), "swin": str(root / "swin_student" / "config.json"),
-            "teacher7": str(root / "teacher7"), "file": str(root / "a_file"), "previous": str(root / "previous_run")}
+            "teacher7": str(root / "teacher7"), "file": str(root / "a_file"), "previous": str(root / "previous_run"),
+            "teacher48": str(root / "teacher48"), "teacher_xyz": str(root / "teacher_xyz")}
 
 
 #: (case id, how to change the tiny working command, expected message)
@@ -69,6 +122,16 @@ BAD_INPUTS = [
     ("spatial_mismatch", lambda a, p: a + ["--student", p["swin"], "--student_layers", "0", "1", "--teacher_layers", "0", "1"],
      "student layer 0 is 16×16 but teacher layer 0 is 4×4"),
     ("class_count_mismatch", lambda a, p: a + ["--teacher", p["teacher7"]], "different numbers of classes: teacher 7, student 3"),
+    ("disjoint_label_sets", lambda a, p: a + ["--teacher", p["teacher_xyz"]],
+     "teacher and student have different label sets: the teacher has no class ['a', 'b', 'c']"),
+    ("grids_differ_with_feature_pairs", lambda a, p: a + ["--teacher", p["teacher48"], "--teacher_layers", "0", "2"],
+     "student layer 0 is 4×4 but teacher layer 0 is 6×6 (token grid H×W, inputs 32×32 and 48×48)"),
+    ("negative_teacher_check_images", lambda a, p: a + ["--teacher_check_images", "-1"],
+     "teacher_check_images must be a number of images >= 0 (0 disables the check), got -1"),
+    ("teacher_near_chance", lambda a, p: a + ["--teacher_check_images", "9"],
+     "top-1 on the first 9 evaluation images, below 66.7 % (twice chance): its inputs or labels do not match the data"),
+    ("half_of_teacher_normalisation", lambda a, p: a + ["--teacher_image_mean", "0.5"],
+     "teacher_image_mean and teacher_image_std go together"),
     ("unknown_dataset", lambda a, p: a + ["--dataset", "no-such-user/no-such-dataset"], "dataset: cannot load 'no-such-user/no-such-dataset'"),
     ("missing_image_column", lambda a, p: a + ["--image_column", "pixels"], "image_column: column 'pixels' is not in dataset"),
     ("missing_label_column", lambda a, p: a + ["--label_column", "target"], "label_column: column 'target' is not in dataset"),
@@ -85,6 +148,40 @@ BAD_INPUTS = [
     ("missing_config_file", lambda a, p: [str(p["root"] / "nope.yaml")] + a, "config: file"),
     ("student_auto", lambda a, p: a + ["--student_layers", "auto"], "invalid int value: 'auto'"),
     ("unknown_option", lambda a, p: a + ["--alpah", "0.5"], "unknown option(s) --alpah 0.5 (did you mean --alpha for --alpah?)"),
+    # Damaged files: interrupted copies and downloads, partial rsyncs, silent corruption
+    ("truncated_teacher_weights", lambda a, p: a + ["--teacher", str(p["root"] / "teacher_truncated")],
+     "/teacher_truncated' is damaged (model.safetensors is truncated: header says"),
+    ("zeroed_teacher_weights", lambda a, p: a + ["--teacher", str(p["root"] / "teacher_zeros")],
+     "teacher_zeros' is damaged (model.safetensors has a damaged header (not JSON)): copy or download it again"),
+    ("missing_shard", lambda a, p: a + ["--teacher", str(p["root"] / "teacher_sharded")],
+     "is missing (a shard named by model.safetensors.index.json)"),
+    ("teacher_config_not_json", lambda a, p: a + ["--teacher", str(p["root"] / "teacher_bad_config")],
+     "teacher_bad_config' is damaged (config.json is not valid JSON (Expecting"),
+    ("weights_do_not_match_config", lambda a, p: a + ["--teacher", str(p["root"] / "teacher_mismatch")],
+     "tensor(s) of the weights do not have the shapes config.json asks for"),
+    ("truncated_student_folder", lambda a, p: a + ["--student", str(p["root"] / "student_truncated")],
+     "student_truncated' is damaged (model.safetensors is truncated: header says"),
+    ("student_config_file_not_json", lambda a, p: a + ["--student", str(p["root"] / "broken_config" / "config.json")],
+     "config.json' is damaged (config.json is not valid JSON"),
+    ("resume_every_checkpoint_damaged", lambda a, p: a + ["--output_dir", str(p["root"] / "damaged_run"),
+                                                          "--resume_from_checkpoint", "true"],
+     "damaged_run' is damaged (checkpoint-4: model.safetensors is truncated"),
+    ("resume_path_with_flipped_byte", lambda a, p: a + ["--resume_from_checkpoint", str(p["root"] / "flipped_run" / "checkpoint-2")],
+     "checkpoint-2' is damaged (model.safetensors has changed since it was saved"),
+    ("resume_path_with_empty_state", lambda a, p: a + ["--resume_from_checkpoint", str(p["root"] / "cut_state_run" / "checkpoint-2")],
+     "checkpoint-2' is damaged (trainer_state.json is empty)"),
+    # Config files
+    ("non_utf8_yaml", lambda a, p: [str(p["root"] / "latin1.yaml")] + a, "latin1.yaml' is not UTF-8 text (byte 0xe9 at offset"),
+    ("base_loop_of_two", lambda a, p: [str(p["root"] / "loop_a.yaml")] + a,
+     "includes itself through 'base:' (loop_a.yaml → loop_b.yaml → loop_a.yaml)"),
+    ("base_loop_of_three", lambda a, p: [str(p["root"] / "tri_a.yaml")] + a,
+     "(tri_a.yaml → tri_b.yaml → tri_c.yaml → tri_a.yaml)"),
+    ("config_is_a_folder", lambda a, p: [str(p["root"] / "folder.yaml")] + a, "folder.yaml' is not a file"),
+    ("base_not_a_path", lambda a, p: [str(p["root"] / "base_list.yaml")] + a,
+     "base_list.yaml' must be the path of another config file, got ['a.yaml', 'b.yaml']"),
+    ("config_value_of_wrong_type", lambda a, p: [str(p["root"] / "wrong_type.yaml")] + a,
+     "config: max_steps must be an integer, got [4] in '"),
+    ("config_key_not_text", lambda a, p: [str(p["root"] / "number_key.yaml")] + a, "config: unknown option(s) 1 in '"),
 ]
 
 
@@ -98,6 +195,30 @@ def test_bad_input_fails_with_one_clear_line(case, change, message, bad_inputs, 
     assert "Traceback" not in err
     assert time.time() - started < 60
     assert not (tmp_path / f"out_{case}" / "checkpoint-1").exists()
+
+
+#: One case of each family of file errors, run in a real process: the exit code and stderr a job sees.
+PROCESS_CASES = ("truncated_teacher_weights", "missing_shard", "teacher_config_not_json", "resume_every_checkpoint_damaged",
+                 "non_utf8_yaml", "base_loop_of_three")
+
+
+def test_damaged_files_stop_a_real_process_with_exit_code_2_and_one_line(bad_inputs, saved_models, imagefolder, tmp_path):
+    import json
+    import re
+
+    cases = [(change(tiny_run_args(saved_models, imagefolder, tmp_path / case), bad_inputs), message)
+             for case, change, message in BAD_INPUTS if case in PROCESS_CASES]
+    assert len(cases) == len(PROCESS_CASES)
+    (tmp_path / "cases.json").write_text(json.dumps([argv for argv, _ in cases]))
+    result = run_recipe_process([str(tmp_path / "cases.json")], check=False, script=ROOT / "tests" / "scripts" / "recipe_cases.py")
+    assert result.returncode == 2, result.stderr[-3000:]  # the last case's, through sys.exit
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    sections = re.split(r"^=== case \d+\n", result.stderr, flags=re.MULTILINE)[1:]
+    assert len(sections) == len(cases), result.stderr[-3000:]
+    for index, (section, (_, message)) in enumerate(zip(sections, cases)):
+        errors = [line for line in section.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], section
+        assert section.rstrip().endswith(f"=== exit {index} 2"), section
 
 
 def test_streamed_data_without_max_steps_and_no_traceback_in_a_real_process(saved_models, imagefolder, tmp_path):
@@ -189,8 +310,12 @@ def poison(outputs, component: str):
     return outputs
 
 
-@pytest.mark.parametrize("component,name", [("kd", "loss_kd"), ("fft", "loss_fft")])
-def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(component, name, tmp_path):
+@pytest.mark.parametrize("component,name,interval,when", [
+    ("kd", "loss_kd", 0, "Detected at step 4 .*no checkpoint was written after it"),  # checked before the step-4 save
+    ("fft", "loss_fft", 0, "Detected at step 4"),
+    ("kd", "loss_kd", 1, "Training stopped before the optimizer step"),  # checked every step
+])
+def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(component, name, interval, when, tmp_path):
     teacher = tiny_cait()
     calls = {"n": 0}
 
@@ -200,9 +325,10 @@ def test_nan_in_a_loss_component_stops_training_and_keeps_last_checkpoint(compon
 
     teacher.register_forward_hook(hook)
     args = SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, per_device_train_batch_size=4,
-                                      report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0, 2], teacher_layers=[0, 3])
+                                      report_to=[], use_cpu=True, disable_tqdm=True, student_layers=[0, 2], teacher_layers=[0, 3],
+                                      nonfinite_check_interval=interval)
     trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=teacher, args=args, train_dataset=SyntheticImageDataset(32))
-    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step 3: {name}=nan"):
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step 3: {name}=nan\. {when}"):
         trainer.train()
     assert not (tmp_path / "run" / "checkpoint-4").exists()
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "checkpoint-2")
@@ -258,3 +384,47 @@ def test_distillation_loss_is_finite_and_nonnegative(batch, classes, alpha, temp
     assert math.isfinite(value) and value >= 0
     same = distillation_loss(student, student, labels, alpha=1.0, temperature=temperature, kind="soft").item()
     assert same == pytest.approx(0.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random YAML configs: parsed, or refused with one line
+# ------------------------------------------------------------------------------------------------
+def _option_names() -> list[str]:
+    from hf_spectralkd.cli.distill import ARGUMENT_CLASSES, _RecipeParser
+
+    return sorted({action.dest for action in _RecipeParser(ARGUMENT_CLASSES)._actions if action.dest != "help"})
+
+
+OPTION_NAMES = _option_names()
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=True, allow_infinity=True),
+                         st.text(max_size=12))
+yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                 st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                           max_leaves=6)
+# Mostly real option names, so that most examples get past the unknown-key check to the values.
+yaml_keys = st.one_of(st.sampled_from(OPTION_NAMES), st.sampled_from(OPTION_NAMES), st.text(max_size=10), st.integers(),
+                      st.none(), st.booleans())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(yaml_keys, yaml_values, max_size=4))
+def test_random_yaml_configs_parse_or_fail_with_one_line(tmp_path_factory, mapping):
+    import yaml
+
+    from hf_spectralkd.cli.common import EXIT_USAGE, exit_on_error
+    from hf_spectralkd.cli.distill import parse_arguments
+    from hf_spectralkd.errors import ConfigurationError
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(mapping), encoding="utf-8")
+    argv = [str(config), "--output_dir", str(folder / "out"), "--use_cpu", "true", "--report_to", "none"]
+    try:
+        parse_arguments(argv)  # any other exception than ConfigurationError fails the test
+    except ConfigurationError as error:
+        assert str(error) and "\n" not in str(error) and "\r" not in str(error), repr(str(error))
+        # What the command line does with it: one line on stderr, exit code 2.
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = exit_on_error(parse_arguments)(argv)
+        assert code == EXIT_USAGE and stderr.getvalue() == f"error: {error}\n"

@@ -268,3 +268,53 @@ def test_deit_schedule_matches_formula(tmp_path):
     assert lr(1) == pytest.approx(4.008e-4, rel=1e-4)  # epoch 2
     assert lr(5) == pytest.approx(1.99864e-3, rel=1e-5)  # epoch 6
     assert lr(298) == pytest.approx(1.0218e-5, rel=1e-4)  # epoch 299
+
+
+def test_label_smoothing_factor_sets_the_cross_entropy(tmp_path):
+    import torch.nn.functional as F
+
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    for smoothing in (0.0, 0.3):
+        trainer = SpectralDistillationTrainer(model=tiny_vit(), args=make_config(
+            tmp_path, distillation_type="none", beta=0.0, student_layers=None, teacher_layers=None,
+            label_smoothing_factor=smoothing))
+        loss = trainer.compute_loss(trainer.model.eval(), batch)
+        with torch.no_grad():
+            expected = F.cross_entropy(trainer.model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
+                                       label_smoothing=smoothing)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# No host-device synchronisation per step
+# ------------------------------------------------------------------------------------------------
+def test_a_training_step_reads_no_tensor_value_on_the_host(tmp_path, monkeypatch):
+    """On a GPU, .item()/bool()/.tolist() wait for every queued kernel: the step must not call them."""
+    trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=tiny_cait(), args=make_config(tmp_path))
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    trainer.compute_loss(trainer.model.train(), batch)  # first call builds lazily-created state
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    for _ in range(3):
+        trainer.compute_loss(trainer.model.train(), batch).backward()
+    monkeypatch.undo()
+    assert reads == []
+
+
+def test_deferred_nonfinite_check_gives_the_same_run_as_checking_every_step(tmp_path):
+    histories = []
+    for interval in (0, 1):
+        args = make_config(tmp_path / str(interval), max_steps=6, logging_steps=3, nonfinite_check_interval=interval)
+        trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=tiny_cait(), args=args,
+                                              train_dataset=SyntheticImageDataset(24))
+        trainer.train()
+        histories.append([{k: v for k, v in e.items() if k.startswith("loss")} for e in trainer.state.log_history if "loss" in e])
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        histories[-1].append(weights)
+    *logs_deferred, weights_deferred = histories[0]
+    *logs_every, weights_every = histories[1]
+    assert logs_deferred == logs_every and len(logs_deferred) == 2
+    for key in weights_every:
+        assert torch.equal(weights_deferred[key], weights_every[key])

@@ -67,8 +67,22 @@ class SpectralProfile:
         Path(path).write_text(json.dumps(payload, indent=2))
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "SpectralProfile":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: Union[str, Path], argument: str = "profile") -> "SpectralProfile":
+        """Read a ``profile.json``; a missing, cut or foreign file is a one-line error naming ``argument``."""
+        from ..errors import ConfigurationError
+        from ..integrity import damaged, read_json
+
+        if not Path(path).is_file():
+            raise ConfigurationError(f"{argument}: file '{path}' does not exist")
+        data, problem = read_json(Path(path))
+        if problem is None and not isinstance(data, dict):
+            problem = f"{Path(path).name} is not a JSON object"
+        if problem is None:
+            missing = [key for key in ("layers", "intensity", "spectrum", "num_images") if key not in data]
+            problem = f"{Path(path).name} lacks {', '.join(missing)}" if missing else None
+        if problem:
+            raise damaged(argument, path, [problem], "write it again with `hf-spectralkd analyze`")
+        return cls.from_dict(data)
 
 
 def channel_spectrum_sum(features: torch.Tensor, divide_by_channels: bool = True) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The ``hf-spectralkd`` command: distil, analyse models, choose layers, push finished runs.
 
     hf-spectralkd distill CONFIG.yaml [--option value ...]     (the recipe; --help lists its options)
+    hf-spectralkd ablate CONFIG.yaml [--seeds 0 1 2]           (no KD / soft KD / SpectralKD / feature MSE)
     hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num-images 64] [--output-dir DIR]
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
     hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME [--private]
+    hf-spectralkd verify OUTPUT_DIR     (exit 0: the newest checkpoint and the final student load; 1: one is damaged)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _select_layers(options) -> int:
     from .images import load_images, preprocess
 
     if options.teacher_profile:
-        profile = SpectralProfile.load(options.teacher_profile)
+        profile = SpectralProfile.load(options.teacher_profile, argument="teacher-profile")
     else:
         if not options.teacher or not options.dataset:
             raise ConfigurationError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
@@ -52,7 +54,8 @@ def _compare(options) -> int:
     from ..analysis import SpectralProfile, compare_profiles
     from ..analysis.plots import plot_profile_comparison
 
-    student, teacher = SpectralProfile.load(options.student_profile), SpectralProfile.load(options.teacher_profile)
+    student = SpectralProfile.load(options.student_profile, argument="student_profile")
+    teacher = SpectralProfile.load(options.teacher_profile, argument="teacher_profile")
     result = compare_profiles(student, teacher)
     print(f"pearson {result.pearson:.4f}  mean distance {result.mean_abs_distance:.4f}")
     print("per-layer distance: " + ", ".join(f"{d:.3f}" for d in result.per_layer_distance))
@@ -71,17 +74,60 @@ def _push(options) -> int:
     return 0
 
 
+def _verify(options) -> int:
+    """Print each checkpoint of a run (and its final student) with OK or what is damaged.
+
+    Exit code 0 when the newest checkpoint verifies (``--resume_from_checkpoint true`` would use it
+    without falling back) and the final student, if the folder holds one, loads; 1 otherwise.
+    """
+    from pathlib import Path
+
+    from ..checkpointing import MANIFEST_FILE, checkpoint_folders, verify_checkpoint
+    from ..integrity import CONFIG_FILE, model_folder_problems
+
+    folder = Path(options.output_dir)
+    if not folder.is_dir():
+        raise ConfigurationError(f"output_dir: '{folder}' is not a folder")
+    checkpoints = checkpoint_folders(folder)
+    has_student = (folder / CONFIG_FILE).exists()
+    if not checkpoints and not has_student:
+        raise ConfigurationError(f"output_dir: '{folder}' holds no checkpoint-* folder and no saved student")
+    rows = [(c.name, verify_checkpoint(c), "" if (c / MANIFEST_FILE).exists() else " (no checksum manifest: structure only)")
+            for c in checkpoints]
+    if has_student:
+        rows.append(("final student", model_folder_problems(folder), ""))
+    width = max(len(name) for name, _, _ in rows)
+    for name, problems, note in rows:
+        print(f"{name:<{width}}  " + (f"DAMAGED: {'; '.join(problems)}" if problems else f"OK{note}"))
+    newest_ok = not checkpoints or not rows[len(checkpoints) - 1][1]
+    student_ok = not has_student or not rows[-1][1]
+    return 0 if newest_ok and student_ok else 1
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import analyze
 
     parser = argparse.ArgumentParser(prog="hf-spectralkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
+    parser.add_argument("--version", action="version", version=f"hf-spectralkd {_version()}",
+                        help="Print the version and exit.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     distill = commands.add_parser(
         "distill", help="Distil a student (the training recipe): hf-spectralkd distill CONFIG.yaml [--option value ...].",
         add_help=False,
     )
+    ablate = commands.add_parser(
+        "ablate", help="Train a config's student as no KD / soft KD / SpectralKD / feature MSE over seeds; a table and a plot.",
+        add_help=False,
+    )
+    ablate.add_argument("ablate_arguments", nargs=argparse.REMAINDER, help="See `hf-spectralkd ablate --help`.")
     distill.add_argument("recipe_arguments", nargs=argparse.REMAINDER, help="A config file and options (see `hf-spectralkd distill --help`).")
 
     analyze_parser = commands.add_parser("analyze", help="Spectral profile, entropy, magnitudes, SVD rank and SEP of a model, with plots.")
@@ -114,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="Branch to push to.")
     push.add_argument("--commit-message", default="Upload SpectralKD-distilled student", help="Commit message.")
     push.set_defaults(handler=_push)
+
+    verify = commands.add_parser(
+        "verify", help="Check a run's checkpoints (checksum manifest, weights, optimizer states) and its final student.",
+        description="Exit code 0 when the newest checkpoint and the final student (if any) verify, 1 otherwise.",
+    )
+    verify.add_argument("output_dir", help="The run folder (--output_dir of the recipe).")
+    verify.set_defaults(handler=_verify)
     return parser
 
 
@@ -124,6 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .distill import main as distill_main
 
         return distill_main(argv[1:])
+    if argv[:1] == ["ablate"]:  # options after the config go to every run of the recipe
+        from .ablate import main as ablate_main
+
+        return exit_on_error(ablate_main)(argv[1:])
     options = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return options.handler(options)

@@ -136,7 +136,7 @@ def run(options) -> int:
     plots.plot_spectrum_grid(profile, out / "spectrum_grid.png")
     plots.plot_svd_energy(energy_curves.numpy(), out / "svd_energy.png")
     if options.compare:
-        other = SpectralProfile.load(options.compare)
+        other = SpectralProfile.load(options.compare, argument="compare")
         comparison = compare_profiles(profile, other)
         report["comparison"] = {"other": options.compare, "other_model": other.model_name, **comparison.to_dict()}
         plots.plot_profile_comparison([other, profile], [other.model_name or "other", options.model], out / "comparison.png")

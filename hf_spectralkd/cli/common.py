@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,19 +25,35 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a YAML (or JSON) mapping of option → value, following ``base: other.yaml`` chains.
 
     A ``base`` file (relative to the including file) is read first and the including file's keys
-    override it, so a variant of a recipe is its base plus the lines that differ.
+    override it, so a variant of a recipe is its base plus the lines that differ. Every failure (a
+    missing, unreadable, non-UTF-8 or invalid file, a ``base:`` chain that loops) is a one-line
+    :class:`~hf_spectralkd.errors.ConfigurationError` naming the file.
     """
     file = Path(path)
-    if str(file.resolve()) in _seen:
-        raise ConfigurationError(f"config: '{path}' includes itself through 'base:'")
-    if not file.is_file():
+    resolved = str(file.resolve())
+    if resolved in _chain:
+        loop = " → ".join(Path(p).name for p in (*_chain[_chain.index(resolved):], resolved))
+        raise ConfigurationError(f"config: '{path}' includes itself through 'base:' ({loop}); remove the loop")
+    if not file.exists():
         raise ConfigurationError(f"config: file '{path}' does not exist")
+    if not file.is_file():
+        raise ConfigurationError(f"config: '{path}' is not a file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        raw = file.read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"config: cannot read '{path}' ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is fine
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(
+            f"config: '{path}' is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigurationError(f"config: '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -41,9 +61,71 @@ def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = read_config_file(str(file.parent / base), _seen + (str(file.resolve()),))
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigurationError(f"config: 'base' in '{path}' must be the path of another config file, got {base!r}")
+    merged = read_config_file(str(file.parent / base), _chain + (resolved,))
     merged.update(data)
     return merged
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a YAML value (None, bool, int, float, str, list, dict) can stand for a field typed ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, list) and (not args or all(_accepts(args[0], item) for item in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in [member.value for member in hint]
+    return isinstance(hint, type) and isinstance(value, hint)  # other classes cannot come from YAML
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in args if arg is not type(None)))
+    if origin is typing.Literal or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        choices = args if origin is typing.Literal else [member.value for member in hint]
+        return "one of " + ", ".join(repr(choice) for choice in choices)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return f"a list of {_describe(args[0])} values" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_config_values(values: dict[str, Any], classes: Sequence[type], config_path: str) -> None:
+    """Refuse a config value whose YAML type cannot stand for its option (``max_steps: [1]``).
+
+    A text value is left to the parser, which converts and checks it as it does on the command line;
+    any other value would reach the arguments' dataclasses unconverted and fail there with an
+    unrelated message (``'list' object has no attribute 'endswith'``), or not at all.
+    """
+    fields = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        fields.update({f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls) if f.init})
+    for key, value in values.items():
+        if key not in fields or isinstance(value, str):
+            continue
+        hint, default = fields[key]
+        if (value is None and default is None) or _accepts(hint, value):
+            continue
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ConfigurationError(f"config: {key} must be {_describe(hint)}, got {shown} in '{config_path}'")
 
 
 def split_config_argument(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:

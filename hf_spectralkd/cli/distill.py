@@ -31,13 +31,11 @@ from typing import Any, Optional
 
 import transformers
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..checkpointing import acquire_run_lock
+from ..checkpointing import acquire_run_lock, newest_verified_checkpoint, verify_checkpoint
 from ..config import SpectralDistillationConfig
 from ..data import (
     DataArguments,
-    build_image_processor,
     first_images,
     open_image_datasets,
     prepare_image_datasets,
@@ -45,6 +43,7 @@ from ..data import (
 )
 from ..errors import ConfigurationError
 from ..features import describe_taps
+from ..integrity import damaged
 from ..layer_map import format_layer_map, resolve_layer_map
 from ..models import (
     ARCHITECTURE_PRESETS,
@@ -53,9 +52,12 @@ from ..models import (
     load_model,
     model_license,
 )
+from ..preprocessing import InputSpec, configured_size, input_spec_of, spec_from_processor, teacher_input_adapter
 from ..summary import RunSummary, write_json_atomic
+from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
 from .common import (
+    check_config_values,
     check_output_dir,
     exit_on_error,
     read_config_file,
@@ -123,7 +125,7 @@ class ModelArguments:
         default=0,
         metadata={
             "help": "Record the student's spectral profile on a fixed evaluation batch every N steps (and at each "
-            "evaluation) into spectral_dynamics.jsonl and TensorBoard. 0 disables."
+            "evaluation): logged to the --report_to trackers and spectral_dynamics.jsonl. 0 disables."
         },
     )
 
@@ -135,6 +137,8 @@ class _RecipeParser(HfArgumentParser):
     """argparse prints its whole usage (hundreds of options) before an error: give the one line instead."""
 
     def error(self, message: str):
+        # The message quotes the user's value, which a YAML file can make multi-line: keep one line.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         raise ConfigurationError(f"{message}; see --help")
 
 
@@ -188,17 +192,33 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     return f" (did you mean {match[0]} for {name}?)" if match else ""
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
-    """Parse ``[CONFIG.yaml] [options]``: the config file's values become the parser's defaults."""
+def _key_name(key: Any) -> str:
+    """A config key as a message shows it: as written, or quoted when it is not plain text (``1``, ``'a\\nb'``)."""
+    return key if isinstance(key, str) and key.isprintable() and key else repr(key)
+
+
+def parse_arguments(
+    argv: list[str], overrides: Optional[dict[str, Any]] = None
+) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
+    """Parse ``[CONFIG.yaml] [options]``: the config file's values become the parser's defaults.
+
+    ``overrides`` (Python values) replace the config file's, and the command line replaces both.
+    """
     parser = _RecipeParser(ARGUMENT_CLASSES)
     known_dests = {action.dest for action in parser._actions}
     config_path, argv = split_config_argument(argv)
-    if config_path:
-        values = _normalise_aliases(read_config_file(config_path))
+    sources = [(f"config: '{config_path}'", _normalise_aliases(read_config_file(config_path)))] if config_path else []
+    if overrides:
+        sources.append(("load_recipe", _normalise_aliases(overrides)))
+    for where, values in sources:
         unknown = [key for key in values if key not in known_dests]
         if unknown:
-            hint = "".join(_did_you_mean(key, sorted(known_dests)) for key in unknown[:1])
-            raise ConfigurationError(f"config: unknown option(s) {', '.join(unknown)} in '{config_path}'{hint}; see --help")
+            names = [_key_name(key) for key in unknown]  # YAML keys can be numbers, null, multi-line text
+            hint = _did_you_mean(names[0], sorted(known_dests))
+            where_text = f" in {where.split(': ', 1)[1]}" if ": " in where else ""
+            raise ConfigurationError(f"{where.split(':')[0]}: unknown option(s) {', '.join(names)}{where_text}{hint}; "
+                                     "see --help")
+        check_config_values(values, ARGUMENT_CLASSES, config_path if where.startswith("config") else where)
         parser.set_defaults(**values)
     argv, cleared = _normalise_argv(argv)
     parser.set_defaults(**{name: None for name in cleared})
@@ -216,25 +236,61 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Spe
     return tuple(parsed)
 
 
+def streamed_max_steps(args: SpectralDistillationConfig, train_size: Optional[int]) -> int:
+    """Optimizer steps of ``--num_train_epochs`` over a streamed split of ``train_size`` images (a stream has no length)."""
+    if not train_size:
+        raise ConfigurationError(
+            "max_steps: a streamed dataset of unknown size needs --max_steps, or --train_samples to derive it "
+            "from --num_train_epochs"
+        )
+    return steps_for_epochs(train_size, args.num_train_epochs, args.per_device_train_batch_size, args.world_size,
+                            args.gradient_accumulation_steps)
+
+
+def load_recipe(
+    config: str, **overrides: Any
+) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
+    """A recipe config file (e.g. ``recipes/configs/deit_tiny_from_cait_s24.yaml``) as the recipe's three
+    argument objects, exactly as ``run_distill.py CONFIG`` would use them, for the Python API.
+
+    ``overrides`` set any option of the three (``output_dir="runs/x"``, ``per_device_train_batch_size=128``).
+    For a streamed dataset of known size (ImageNet, or ``train_samples``), ``max_steps`` is derived from the
+    epochs as the recipe does.
+    """
+    model_args, data_args, args = parse_arguments([config], overrides)
+    if data_args.streaming and args.max_steps <= 0:
+        from ..data import KNOWN_TRAIN_SIZES
+
+        size = data_args.train_samples or KNOWN_TRAIN_SIZES.get(data_args.dataset)
+        if size:
+            args = dataclasses.replace(args, max_steps=streamed_max_steps(args, size))
+    return model_args, data_args, args
+
+
 def resolve_resume(args: SpectralDistillationConfig) -> Optional[str]:
-    """``--resume_from_checkpoint true`` → the last complete checkpoint of output_dir; a path is checked."""
+    """The checkpoint folder to resume from, verified, or ``None``.
+
+    ``--resume_from_checkpoint true``: the newest checkpoint of output_dir that verifies; damaged newer
+    ones are skipped with a warning. An explicit path must verify: it is never silently replaced.
+    """
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "no", "none"):
         return None
     if str(value).lower() in ("true", "yes", "last", "1"):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            raise ConfigurationError(f"resume_from_checkpoint: no checkpoint-* folder in '{args.output_dir}' to resume from")
-        return last
+        return newest_verified_checkpoint(args.output_dir)
     if not os.path.isdir(value):
         raise ConfigurationError(f"resume_from_checkpoint: '{value}' is not a checkpoint folder")
+    problems = verify_checkpoint(value)
+    if problems:
+        raise damaged("resume_from_checkpoint", value, problems,
+                      "pass an earlier checkpoint, or --resume_from_checkpoint true to resume from the newest one that verifies")
     return value
 
 
 def check_model_arguments(model_args: ModelArguments, args: SpectralDistillationConfig) -> None:
     if not model_args.student:
         raise ConfigurationError("student: no student given; pass --student (a built-in architecture, folder or Hub id)")
-    if args.needs_teacher and not model_args.teacher:
+    if args.do_train and args.needs_teacher and not model_args.teacher:
         raise ConfigurationError(
             f"teacher: distillation_type='{args.distillation_type}' with alpha={args.alpha} and beta={args.beta} needs "
             "--teacher (a Hub id or folder); use --distillation_type none --beta 0 to train without one"
@@ -270,32 +326,41 @@ def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, la
     lines.append(f"loss    : {kd} + {s.beta}·L_{s.feature_loss}, label smoothing {s.label_smoothing}")
     lines.append(
         f"train   : epochs {s.num_train_epochs}, max_steps {s.max_steps}, batch {args.per_device_train_batch_size}"
-        f"×{args.world_size} proc×{args.gradient_accumulation_steps} accum, lr {s.learning_rate} ({s.lr_schedule}), "
+        f"×{args.world_size} proc×{args.gradient_accumulation_steps} accum, lr {s.learning_rate:.4g}"
+        f"{f' (= {s.base_learning_rate:g} × {s.global_batch_size}/512, scale_lr)' if s.base_learning_rate else ''} ({s.lr_schedule}), "
         f"weight decay {s.weight_decay}, precision {s.precision}, seed {s.seed}"
     )
     lines += [f"output  : {args.output_dir}", "layer map:", format_layer_map(layer_map), "=" * 88]
     return "\n".join(lines)
 
 
-def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str) -> dict[str, Any]:
+def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> dict[str, Any]:
     """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity.
 
     Skipped under DeepSpeed ZeRO-3, where neither model's parameters are whole on any one process.
     """
     from ..analysis import compare_profiles, spectral_profile
+    from ..analysis.callback import log_figure
     from ..analysis.plots import plot_profile_comparison
     from ..hub import PROFILE_PLOT
 
     device = trainer.args.device
     student_model = trainer.accelerator.unwrap_model(trainer.model)
     student_profile = spectral_profile(student_model, pixel_values.to(device), model_name="student")
-    teacher_profile = spectral_profile(teacher.to(device), pixel_values.to(device), model_name="teacher")
+    teacher_pixels = pixel_values.to(device) if teacher_inputs is None else teacher_inputs(pixel_values.to(device))
+    teacher_profile = spectral_profile(teacher.to(device), teacher_pixels, model_name="teacher")
     comparison = compare_profiles(student_profile, teacher_profile)
-    if trainer.is_world_process_zero():  # every rank computed (cheap, collective-free); one writes
+    # Every rank computed (cheap, collective-free) and logs; the trackers write on the main process.
+    trainer.log({"spectral/final_pearson_to_teacher": comparison.pearson,
+                 "spectral/final_distance_to_teacher": comparison.mean_abs_distance})
+    if trainer.is_world_process_zero():
         payload = {"teacher": teacher_profile.to_dict(), "student": student_profile.to_dict(), "comparison": comparison.to_dict()}
         Path(output_dir, "spectral_profiles.json").write_text(json.dumps(payload, indent=2))
-        plot_profile_comparison([teacher_profile, student_profile], ["teacher", "student"], Path(output_dir, PROFILE_PLOT),
-                                title=f"Spectral intensity, normalised (Pearson {comparison.pearson:.3f})")
+        figure = plot_profile_comparison([teacher_profile, student_profile], ["teacher", "student"],
+                                         Path(output_dir, PROFILE_PLOT),
+                                         title=f"Spectral intensity, normalised (Pearson {comparison.pearson:.3f})")
+        log_figure(trainer, "spectral/teacher_vs_student", figure, trainer.state.global_step)
+        figure.clf()
     return {"pearson": comparison.pearson, "mean_abs_distance": comparison.mean_abs_distance}
 
 
@@ -318,6 +383,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             lock.release()
 
 
+def with_student_preprocessing(data_args: DataArguments, spec: InputSpec) -> DataArguments:
+    """Fill the preprocessing options the user left unset from the student's own (a pretrained student's processor)."""
+    values = {}
+    if data_args.image_mean is None and data_args.image_std is None and spec.knows_normalisation:
+        values.update(image_mean=list(spec.mean), image_std=list(spec.std))
+    if data_args.eval_crop_pct is None and spec.crop_pct is not None:
+        values["eval_crop_pct"] = float(spec.crop_pct)
+    if data_args.interpolation is None and spec.interpolation:
+        values["interpolation"] = spec.interpolation
+    if values:
+        logger.info("preprocessing from the student's image processor: %s", values)
+    return dataclasses.replace(data_args, **values) if values else data_args
+
+
 def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDistillationConfig,
          resume: Optional[str], started: float) -> int:
     set_seed(args.seed)
@@ -325,16 +404,30 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     token = os.environ.get("HF_TOKEN") or None  # --hub_token was moved there; never logged
 
     raw = open_image_datasets(data_args, args.seed, token)
+    evaluate_only = not args.do_train
+    if evaluate_only and (not args.do_eval or raw.eval is None):
+        raise ConfigurationError(
+            "do_train: false leaves only evaluation, which needs --do_eval true and an evaluation split "
+            f"('{data_args.eval_split}' was not found)"
+        )
     student = load_model(
-        model_args.student, argument="student", from_scratch=model_args.student_from_scratch, id2label=raw.id2label,
+        model_args.student, argument="student", from_scratch=model_args.student_from_scratch,
+        # An evaluated student keeps its own head and class names (checked against the data below).
+        id2label=None if evaluate_only else raw.id2label,
         revision=model_args.student_revision, token=token, trust_remote_code=args.trust_remote_code,
     )
+    if student.kind == "pretrained":
+        data_args = with_student_preprocessing(
+            data_args, input_spec_of(student.model, student.source, model_args.student_revision, token)
+        )
+        raw.args = data_args
     image_size = data_args.image_size or describe_taps(student.model).image_size[0]
     data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor)
-    processor = build_image_processor(data_args, image_size)
+    processor = data.image_processor
+    student_spec = spec_from_processor(processor, source="the student's batches")
 
     teacher: Optional[LoadedModel] = None
-    if args.needs_teacher:
+    if args.needs_teacher or (evaluate_only and model_args.teacher and model_args.evaluate_teacher):
         if model_args.train_teacher_if_missing and not os.path.exists(model_args.teacher):
             from ..demo import train_demo_teacher
 
@@ -344,17 +437,16 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
             model_args.teacher, argument="teacher", revision=args.teacher_revision, token=token,
             trust_remote_code=args.trust_remote_code,
         )
+    teacher_spec = input_spec_of(
+        teacher.model, teacher.source, teacher.revision, token, mean=args.teacher_image_mean, std=args.teacher_image_std
+    ) if teacher else None
+    license_ = model_args.license or (model_license(model_args.teacher, args.teacher_revision, token) if teacher else None)
+    if evaluate_only:
+        return _evaluate_only(model_args, data_args, args, student, teacher, data, raw, processor, student_spec,
+                              teacher_spec, license_, started)
 
     if data.streaming and args.max_steps <= 0:
-        if not data.train_size:
-            raise ConfigurationError(
-                "max_steps: a streamed dataset of unknown size needs --max_steps, or --train_samples to derive it "
-                "from --num_train_epochs"
-            )
-        args.max_steps = steps_for_epochs(
-            data.train_size, args.num_train_epochs, args.per_device_train_batch_size, args.world_size,
-            args.gradient_accumulation_steps,
-        )
+        args.max_steps = streamed_max_steps(args, data.train_size)
     if args.eval_strategy != "no" and data.eval is None:
         raise ConfigurationError(f"eval_strategy: '{args.eval_strategy}' needs an eval split; '{data_args.eval_split}' was not found")
 
@@ -364,7 +456,6 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images
         auto_batch = profile_batch[:32] if profile_batch is not None else first_images(data.eval or data.train, 32)
     layer_map = resolve_layer_map(student.model, teacher.model if teacher else None, args, auto_batch)
-    license_ = model_args.license or (model_license(model_args.teacher, args.teacher_revision, token) if teacher else None)
     summary = RunSummary.describe(
         args, student.model, teacher.model if teacher else None, layer_map,
         student_source=student.source, student_kind=student.kind,
@@ -373,13 +464,14 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     )
     trainer = SpectralDistillationTrainer(
         model=student.model, teacher_model=teacher.model if teacher else None, args=args, layer_map=layer_map,
-        summary=summary, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
-        processing_class=processor,
+        summary=summary, student_inputs=student_spec, teacher_inputs=teacher_spec, train_dataset=data.train,
+        eval_dataset=data.eval, data_collator=data.collator, processing_class=processor,
     )
     if model_args.spectral_dynamics_steps > 0 and profile_batch is not None:
         from ..analysis import SpectralDynamicsCallback
 
-        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], every_n_steps=model_args.spectral_dynamics_steps))
+        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer,
+                                                      every_n_steps=model_args.spectral_dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(summary, args, data, layer_map), flush=True)
         resolved = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": args.to_dict()}
@@ -392,36 +484,99 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
               f"in {args.output_dir}; resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     trainer.save_model()
-    if data.eval is not None:
-        trainer.evaluate()
-    if teacher is not None and model_args.evaluate_teacher and data.eval is not None:
-        teacher_metrics = evaluate_model(teacher.model, data, args, processor)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    if data.eval is not None and args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if teacher is not None and model_args.evaluate_teacher and data.eval is not None and args.do_eval:
+        teacher_metrics = evaluate_model(
+            TeacherClassifier(teacher.model, trainer.teacher_inputs, trainer.teacher_label_order), data, args, processor
+        )
         summary.teacher_accuracy, summary.teacher_top5 = teacher_metrics.get("top1"), teacher_metrics.get("top5")
 
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     if teacher is not None and profile_batch is not None and model_args.profile_images > 0 and not zero3:
         summary.profile_similarity = write_profile_comparison(
-            trainer, teacher.model, profile_batch[: model_args.profile_images], args.output_dir
+            trainer, teacher.model, profile_batch[: model_args.profile_images], args.output_dir, trainer.teacher_inputs
         )
     summary.record_training_state(trainer.state)
     summary.train_runtime_s = train_result.metrics.get("train_runtime")
     summary.skipped_images = next(
         (e["skipped_images"] for e in reversed(trainer.state.log_history) if "skipped_images" in e), 0
     )
-    summary.wall_time_s = round(time.time() - started, 1)
-    if trainer.is_world_process_zero():
-        from ..hub import write_model_card
-
-        # again, now with the teacher's accuracy and the profile plot
-        write_model_card(summary, args.output_dir, args.hub_model_id)
-        results_file = model_args.results_file or os.path.join(args.output_dir, "results.json")
-        summary.write_json(results_file)
-        brief = {"teacher_accuracy": summary.teacher_accuracy, "student_accuracy": summary.student_accuracy,
-                 "wall_time_s": summary.wall_time_s}
-        print(f"results → {results_file}: {json.dumps(brief)}", flush=True)
+    _finish(summary, trainer, model_args, args, started)
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="SpectralKD distilled student")
     return 0
+
+
+def _evaluate_only(model_args, data_args, args, student, teacher, data, raw, processor, student_spec, teacher_spec,
+                   license_, started) -> int:
+    """``--do_train false --do_eval true``: score the student (and the teacher) on the evaluation split."""
+    from ..teacher import teacher_label_order
+
+    data_labels = _LabelsOnly(raw.id2label)
+    student_order = teacher_label_order(data_labels, student.model)  # the student's classes in the data's order
+    teacher_inputs, teacher_order = None, None
+    if teacher is not None:
+        teacher_order = teacher_label_order(data_labels, teacher.model)
+        adapter = teacher_input_adapter(student_spec, teacher_spec, configured_size(student.model))
+        teacher_inputs = adapter.to(args.device) if adapter is not None else None
+    eval_args = dataclasses.replace(args, distillation_type="none", beta=0.0, layer_map="manual", student_layers=None,
+                                    teacher_layers=None, push_to_hub=False, resume_from_checkpoint=None)
+    summary = RunSummary.describe(
+        eval_args, student.model, teacher.model if teacher else None, student_source=student.source,
+        student_kind=student.kind, teacher_source=teacher.source if teacher else None,
+        teacher_revision=teacher.revision if teacher else None, dataset=data_args.dataset, eval_split=raw.eval_split,
+        license=license_,
+    )
+    model = student.model if student_order is None else TeacherClassifier(student.model, None, student_order)
+    trainer = SpectralDistillationTrainer(model=model, args=eval_args, summary=summary, eval_dataset=data.eval,
+                                          data_collator=data.collator, processing_class=processor)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
+    summary.best_student_accuracy = summary.student_accuracy
+    if teacher is not None and model_args.evaluate_teacher:
+        teacher_metrics = evaluate_model(TeacherClassifier(teacher.model, teacher_inputs, teacher_order), data, args, processor)
+        summary.teacher_accuracy, summary.teacher_top5 = teacher_metrics.get("top1"), teacher_metrics.get("top5")
+    summary.global_steps, summary.max_steps = 0, 0
+    if trainer.is_world_process_zero():
+        results_file = model_args.results_file or os.path.join(args.output_dir, "results.json")
+        summary.wall_time_s = round(time.time() - started, 1)
+        summary.write_json(results_file)
+        print(f"results → {results_file}: {json.dumps({'student_accuracy': summary.student_accuracy, 'teacher_accuracy': summary.teacher_accuracy})}",
+              flush=True)
+    return 0
+
+
+class _LabelsOnly:
+    """The dataset's class names in the shape :func:`~hf_spectralkd.teacher.teacher_label_order` compares."""
+
+    def __init__(self, id2label: dict[int, str]):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(id2label=id2label, num_labels=len(id2label))
+
+
+def _finish(summary: RunSummary, trainer, model_args: ModelArguments, args: SpectralDistillationConfig, started: float) -> None:
+    """Write the card and results.json from the completed summary (main process)."""
+    summary.wall_time_s = round(time.time() - started, 1)
+    if not trainer.is_world_process_zero():
+        return
+    from ..hub import write_model_card
+
+    # again, now with the teacher's accuracy and the profile plot
+    write_model_card(summary, args.output_dir, args.hub_model_id)
+    results_file = model_args.results_file or os.path.join(args.output_dir, "results.json")
+    summary.write_json(results_file)
+    brief = {"teacher_accuracy": summary.teacher_accuracy, "student_accuracy": summary.student_accuracy,
+             "wall_time_s": summary.wall_time_s}
+    print(f"results → {results_file}: {json.dumps(brief)}", flush=True)
 
 
 if __name__ == "__main__":

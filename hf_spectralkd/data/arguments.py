@@ -49,8 +49,15 @@ class DataArguments:
     image_size: Optional[int] = field(
         default=None, metadata={"help": "Input resolution; defaults to the student's configured image size."}
     )
-    eval_crop_pct: float = field(default=0.875, metadata={"help": "Center-crop fraction at evaluation (224/256)."})
-    interpolation: str = field(default="bicubic", metadata={"help": "Resize interpolation: bicubic, bilinear, ..."})
+    eval_crop_pct: Optional[float] = field(
+        default=None,
+        metadata={"help": "Center-crop fraction at evaluation. Default: a pretrained student's own (its saved image "
+                  "processor), else 0.875 (224 from 256)."},
+    )
+    interpolation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Resize interpolation (bicubic, bilinear, ...). Default: a pretrained student's own, else bicubic."},
+    )
     auto_augment: Optional[str] = field(
         default="rand-m9-mstd0.5-inc1",
         metadata={"help": "timm auto-augment policy ('none' to disable); with one, colour jitter is off as in DeiT."},
@@ -60,5 +67,19 @@ class DataArguments:
     reprob: float = field(default=0.25, metadata={"help": "Random erasing probability ('pixel' mode, one box)."})
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha; > 0 enables mixup (soft targets). Off in the paper."})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha; > 0 enables CutMix (soft targets). Off in the paper."})
-    image_mean: Optional[list[float]] = field(default=None, metadata={"help": "Normalisation mean (default ImageNet)."})
-    image_std: Optional[list[float]] = field(default=None, metadata={"help": "Normalisation std (default ImageNet)."})
+    image_mean: Optional[list[float]] = field(
+        default=None,
+        metadata={"help": "Normalisation mean of the student's batches. Default: a pretrained student's own (its saved "
+                  "image processor), else ImageNet's. The teacher's batches are re-normalised for the teacher."},
+    )
+    image_std: Optional[list[float]] = field(
+        default=None, metadata={"help": "Normalisation std of the student's batches (default: as --image_mean)."}
+    )
+
+    @property
+    def crop_pct(self) -> float:
+        return 0.875 if self.eval_crop_pct is None else self.eval_crop_pct
+
+    @property
+    def resize_interpolation(self) -> str:
+        return self.interpolation or "bicubic"

@@ -17,6 +17,7 @@ from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
 from .streaming import FAST_FORWARD, ResumableImageStream
 from .transforms import (
     build_eval_transform,
+    build_image_processor,
     build_mixup,
     build_train_transform,
     sample_seed,
@@ -130,6 +131,7 @@ class ImageDatasets:
     streaming: bool
     source: str
     collator: ImageClassificationCollator = field(default_factory=ImageClassificationCollator)
+    image_processor: Any = None  # the processor matching the evaluation transform, saved with the student
 
 
 def _local_parquet_files(root: Path) -> list[Path]:
@@ -291,7 +293,8 @@ def prepare_image_datasets(
     if raw.eval is not None:
         evaluation = TransformedImageDataset(raw.eval, eval_transform, args.image_column, args.label_column, seed)
     collator = ImageClassificationCollator(build_mixup(args, len(raw.id2label), label_smoothing))
-    return ImageDatasets(train, evaluation, raw.id2label, train_size, args.streaming, args.dataset, collator)
+    return ImageDatasets(train, evaluation, raw.id2label, train_size, args.streaming, args.dataset, collator,
+                         build_image_processor(args, image_size))
 
 
 def load_image_datasets(

@@ -35,7 +35,7 @@ def build_train_transform(args: DataArguments, image_size: int) -> Callable[[Ima
         hflip=args.hflip,
         auto_augment=auto_augment,
         color_jitter=0.0 if auto_augment is None else 0.4,  # timm ignores jitter when a policy is set
-        interpolation=args.interpolation,
+        interpolation=args.resize_interpolation,
         re_prob=args.reprob,
         re_mode="pixel",
         re_count=1,
@@ -80,8 +80,8 @@ def build_eval_transform(args: DataArguments, image_size: int) -> Callable[[Imag
     return create_transform(
         input_size=image_size,
         is_training=False,
-        interpolation=args.interpolation,
-        crop_pct=args.eval_crop_pct,
+        interpolation=args.resize_interpolation,
+        crop_pct=args.crop_pct,
         mean=tuple(args.image_mean or IMAGENET_MEAN),
         std=tuple(args.image_std or IMAGENET_STD),
     )
@@ -106,11 +106,11 @@ def build_image_processor(args: DataArguments, image_size: int):
     """
     from transformers import ConvNextImageProcessor, ViTImageProcessor
 
-    resample = getattr(Image.Resampling, args.interpolation.upper(), Image.Resampling.BICUBIC)
+    resample = getattr(Image.Resampling, args.resize_interpolation.upper(), Image.Resampling.BICUBIC)
     mean, std = list(args.image_mean or IMAGENET_MEAN), list(args.image_std or IMAGENET_STD)
-    if args.eval_crop_pct < 1.0 and image_size < 384:
+    if args.crop_pct < 1.0 and image_size < 384:
         return ConvNextImageProcessor(
-            size={"shortest_edge": image_size}, crop_pct=args.eval_crop_pct, resample=resample, image_mean=mean, image_std=std
+            size={"shortest_edge": image_size}, crop_pct=args.crop_pct, resample=resample, image_mean=mean, image_std=std
         )
     return ViTImageProcessor(size={"height": image_size, "width": image_size}, resample=resample, image_mean=mean, image_std=std)
 

@@ -28,7 +28,7 @@ args = SpectralDistillationConfig(
     output_dir=options.out, max_steps=6, per_device_train_batch_size=4, per_device_eval_batch_size=8,
     learning_rate=1e-3, logging_steps=3, save_strategy="steps", save_steps=6, eval_strategy="steps", eval_steps=6,
     report_to=[], use_cpu=True, disable_tqdm=True, seed=0, student_layers=[0, 2], teacher_layers=[0, 3],
-    deepspeed=options.deepspeed, dataloader_num_workers=0,
+    deepspeed=options.deepspeed, dataloader_num_workers=0, teacher_check_images=0,
     ddp_find_unused_parameters=False if options.student != "vit" else None,
 )
 ensure_deepspeed_distributed(args)  # ZeRO-3 builds models through zero.Init, which needs it
