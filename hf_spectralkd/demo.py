@@ -25,6 +25,10 @@ def train_demo_teacher(
     """
     from .trainer import SpectralDistillationTrainer
 
+    from transformers import set_seed
+
+    # Seeded here, not by whatever was built before: every demo (plain or WideLast student) trains the same teacher.
+    set_seed(args.seed)
     loaded = load_model(architecture, argument="teacher_architecture", id2label=data.id2label)
     teacher_args = dataclasses.replace(
         args,
