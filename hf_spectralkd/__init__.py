@@ -7,7 +7,7 @@ Public API::
 """
 
 from .config import SpectralDistillationConfig
-from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError
+from .errors import CheckpointSaveError, ConfigurationError, NonFiniteLossError, RunFailedError, TooManyBadImagesError
 from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
 from .trainer import SpectralDistillationTrainer
 
@@ -21,6 +21,7 @@ __all__ = [
     "RunFailedError",
     "SpectralDistillationConfig",
     "SpectralDistillationTrainer",
+    "TooManyBadImagesError",
     "distillation_loss",
     "distillation_objective",
     "spectral_alignment_loss",

@@ -88,6 +88,9 @@ def test_streaming_runs_with_max_steps_and_resumes_exactly(workers, parquet_data
     resumed_state = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     losses = lambda history: [(e["step"], e["loss"], e["loss_fft"]) for e in history if "loss" in e]  # noqa: E731
     assert losses(resumed_state)[-1] == pytest.approx(losses(full_state)[-1], rel=1e-5)
+    # the image totals continue from the checkpoint: 12 steps of 4 images, whichever run
+    for folder in (full, resumed):
+        assert json.loads((folder / "results.json").read_text())["train_images"] == 48
 
 
 def test_streamed_parquet_derives_max_steps_from_epochs(parquet_dataset, saved_models, tmp_path):
@@ -141,6 +144,9 @@ def test_paper_configs_hold_the_paper_hyperparameters():
     assert deit.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and deit.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
     _, _, swin = run_distill.parse_arguments([str(ROOT / "recipes/configs/swin_tiny_from_swin_small.yaml"), "--use_cpu", "true"])
     assert (swin.beta, swin.num_train_epochs, swin.student_layers, swin.teacher_layers) == (0.05, 500, [0, 1, 2, 3], [0, 1, 2, 3])
+    for config in ("deit_tiny_from_cait_s24", "deit_small_from_cait_s24", "swin_tiny_from_swin_small"):  # DeiT's RASampler
+        _, data, _ = run_distill.parse_arguments([str(ROOT / f"recipes/configs/{config}.yaml"), "--use_cpu", "true"])
+        assert data.repeated_augmentation == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -330,7 +330,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         revision=model_args.student_revision, token=token, trust_remote_code=args.trust_remote_code,
     )
     image_size = data_args.image_size or describe_taps(student.model).image_size[0]
-    data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor)
+    with args.main_process_first(desc="stream layout"):  # remote footers are read, or shards counted, once
+        data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor, cache_dir=args.output_dir)
     processor = build_image_processor(data_args, image_size)
 
     teacher: Optional[LoadedModel] = None
@@ -353,7 +354,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
             )
         args.max_steps = steps_for_epochs(
             data.train_size, args.num_train_epochs, args.per_device_train_batch_size, args.world_size,
-            args.gradient_accumulation_steps,
+            args.gradient_accumulation_steps, data_args.repeated_augmentation,
         )
     if args.eval_strategy != "no" and data.eval is None:
         raise ConfigurationError(f"eval_strategy: '{args.eval_strategy}' needs an eval split; '{data_args.eval_split}' was not found")
@@ -405,9 +406,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         )
     summary.record_training_state(trainer.state)
     summary.train_runtime_s = train_result.metrics.get("train_runtime")
-    summary.skipped_images = next(
-        (e["skipped_images"] for e in reversed(trainer.state.log_history) if "skipped_images" in e), 0
-    )
+    summary.record_image_counts(*trainer.training_image_counts())  # every process: a sum over them
     summary.wall_time_s = round(time.time() - started, 1)
     if trainer.is_world_process_zero():
         from ..hub import write_model_card
