@@ -13,7 +13,14 @@ transformers' ``AutoConfig`` and ``AutoModelForImageClassification``.
 from . import students  # noqa: F401  (registers the students with the Auto classes)
 from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
 from .config import SpectralDistillationConfig
-from .errors import CheckpointSaveError, ConfigurationError, DamagedFileError, NonFiniteLossError, RunFailedError
+from .errors import (
+    CheckpointSaveError,
+    ConfigurationError,
+    DamagedFileError,
+    NonFiniteLossError,
+    RunFailedError,
+    TooManyBadImagesError,
+)
 from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
 from .trainer import SpectralDistillationTrainer
 
@@ -28,6 +35,7 @@ __all__ = [
     "RunFailedError",
     "SpectralDistillationConfig",
     "SpectralDistillationTrainer",
+    "TooManyBadImagesError",
     "distillation_loss",
     "distillation_objective",
     "load_recipe",

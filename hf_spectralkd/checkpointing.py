@@ -86,9 +86,14 @@ class AtomicCheckpointMixin:
         if self.args.should_save and os.path.exists(staged):
             shutil.rmtree(staged)
         self.accelerator.wait_for_everyone()
+        extras = self._checkpoint_extras()  # on every process: it may sum over processes
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                for file_name, payload in extras.items():
+                    with open(os.path.join(staged, file_name), "w", encoding="utf-8") as handle:
+                        json.dump(payload, handle)
         except OSError as error:  # full disk, lost mount, quota: report it, keep what is complete
             failure = error
         finally:
@@ -113,6 +118,10 @@ class AtomicCheckpointMixin:
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+
+    def _checkpoint_extras(self) -> dict:
+        """JSON files (name → payload) added to every checkpoint; computed on every process, so collectives are allowed."""
+        return {}
 
     def _raise_if_any_process_failed(self, failure: Optional[OSError], final: str, staging_root: str) -> None:
         failed = failure is not None

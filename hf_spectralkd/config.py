@@ -235,6 +235,13 @@ class SpectralDistillationConfig(TrainingArguments):
         default=True,
         metadata={"help": "Save a checkpoint and stop cleanly when the job receives SIGTERM (preemption)."},
     )
+    max_skipped_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Stop the run when more than this share of the training images read so far, or of an evaluation's "
+            "images, cannot be decoded (a warning is logged above 1 %). Undecodable images are skipped and counted."
+        },
+    )
 
     def __post_init__(self) -> None:
         student_layers = parse_layer_list(self.student_layers, "student_layers")
@@ -287,6 +294,7 @@ class SpectralDistillationConfig(TrainingArguments):
             )
         _check_number("min_lr", self.min_lr, 0.0)
         _check_number("warmup_lr", self.warmup_lr, 0.0)
+        _check_number("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
         if self.layer_map == "manual" and (self.student_layers or self.teacher_layers):
             n_student, n_teacher = len(self.student_layers or []), len(self.teacher_layers or [])
             if n_student != n_teacher:

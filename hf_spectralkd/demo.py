@@ -23,9 +23,9 @@ def train_demo_teacher(
     ``args`` is the distillation run's ``SpectralDistillationConfig``; batch size, precision and
     seed are kept, the objective becomes plain cross-entropy and nothing is evaluated or pushed.
     """
-    from .trainer import SpectralDistillationTrainer
-
     from transformers import set_seed
+
+    from .trainer import SpectralDistillationTrainer
 
     # Seeded here, not by whatever was built before: every demo (plain or WideLast student) trains the same teacher.
     set_seed(args.seed)

@@ -4,7 +4,8 @@
   or dataset that cannot be used). Raised before any training step; exit code 2.
   :class:`DamagedFileError` is the case of a file that exists but is truncated or corrupt.
 * :class:`RunFailedError` (a ``RuntimeError``): a correct run could not go on (a non-finite loss, a
-  checkpoint that could not be written). Exit code 1; what was saved before is intact.
+  checkpoint that could not be written, too many undecodable images). Exit code 1; what was saved
+  before is intact.
 
 Everything else is a bug and keeps its traceback.
 """
@@ -22,6 +23,10 @@ class RunFailedError(RuntimeError):
 
 class NonFiniteLossError(RunFailedError):
     """A loss component became NaN or infinite; raised before the optimizer step."""
+
+
+class TooManyBadImagesError(RunFailedError):
+    """More images of a split failed to decode than ``max_skipped_fraction`` allows."""
 
 
 class CheckpointSaveError(RunFailedError):

@@ -94,7 +94,10 @@ class RunSummary:
     global_steps: Optional[int] = None
     epochs: Optional[float] = None
     train_runtime_s: Optional[float] = None
-    skipped_images: int = 0
+    skipped_images: int = 0  # training images that could not be decoded (whole run, all processes)
+    train_images: Optional[int] = None  # training images read, decodable or not (the denominator of skipped_images)
+    eval_images: Optional[int] = None  # images the last evaluation scored (the accuracies' denominator)
+    eval_skipped_images: Optional[int] = None  # images of the eval split that could not be decoded, not scored
     profile_similarity: Optional[dict[str, float]] = None
     wall_time_s: Optional[float] = None
 
@@ -169,10 +172,20 @@ class RunSummary:
             self.student_accuracy = evaluations[-1]["eval_top1"]
             self.student_top5 = evaluations[-1].get("eval_top5")
             self.best_student_accuracy = max(entry["eval_top1"] for entry in evaluations)
+            self.eval_images = evaluations[-1].get("eval_images", self.eval_images)
+            self.eval_skipped_images = evaluations[-1].get("eval_skipped_images", self.eval_skipped_images)
+        trained = [entry for entry in state.log_history if "train_images" in entry]
+        if trained:  # the totals at the last log; record_image_counts gives the final ones
+            self.train_images = max(self.train_images or 0, trained[-1]["train_images"])
+            self.skipped_images = max(self.skipped_images, trained[-1]["skipped_images"])
         self.global_steps = state.global_step
         self.epochs = state.epoch
         if state.max_steps:
             self.max_steps = state.max_steps
+
+    def record_image_counts(self, train_images: int, skipped_images: int) -> None:
+        """The training image totals of the whole run (``trainer.training_image_counts()``)."""
+        self.train_images, self.skipped_images = int(train_images), int(skipped_images)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

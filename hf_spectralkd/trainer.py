@@ -33,8 +33,14 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .checkpointing import AtomicCheckpointMixin, acquire_run_lock, newest_verified_checkpoint
 from .config import SpectralDistillationConfig
-from .data import DatasetEpochCallback, ImageClassificationCollator, first_images
-from .errors import ConfigurationError
+from .data import (
+    DatasetEpochCallback,
+    ImageClassificationCollator,
+    RepeatedAugmentationSampler,
+    first_images,
+    share_above,
+)
+from .errors import ConfigurationError, TooManyBadImagesError
 from .features import (
     describe_taps,
     extract_features,
@@ -160,7 +166,11 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         # Running sums of (ce, kd, feature) per mode, reset at each log; see `log`.
         self._loss_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
         self._loss_counts = {"train": 0, "eval": 0}
-        self._skipped_images = 0
+        # Images per mode as [attempted, undecodable]: this process's since they were last summed, and
+        # the training totals of the whole run (all processes, checkpointed, so a resume continues them).
+        self._image_counts = {"train": [0, 0], "eval": [0, 0]}
+        self._train_image_totals = [0, 0]
+        self._warned_skipped: set[str] = set()
         self._feature_key = f"loss_{args.feature_loss}"
         self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
 
@@ -255,22 +265,25 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         return top1
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
-        """``Trainer.train`` holding the output folder's lock; a resumed stream skips trained batches without decoding.
+        """``Trainer.train`` holding the output folder's lock; a resumed stream starts at its resume point itself.
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies (a damaged
-        newer one is skipped with a warning); the Trainer and the stream's fast-forward get that path.
+        newer one is skipped with a warning); the Trainer and the stream get that path.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir)
-        if resume_from_checkpoint and not self.args.ignore_data_skip and hasattr(self.train_dataset, "fast_forward"):
-            checkpoint = resume_from_checkpoint
-            state_file = os.path.join(str(checkpoint), "trainer_state.json")
-            if os.path.isfile(state_file):
+        checkpoint = resume_from_checkpoint
+        self._train_image_totals = _read_image_counts(checkpoint)
+        dataset = self.train_dataset
+        if hasattr(dataset, "fast_forward"):
+            with self.args.main_process_first(desc="stream layout"):
+                getattr(dataset, "layout", None)  # footers, the cached layout, or one count, before workers start
+            global_step = 0
+            state_file = os.path.join(str(checkpoint), "trainer_state.json") if checkpoint else None
+            if state_file and not self.args.ignore_data_skip and os.path.isfile(state_file):
                 with open(state_file, encoding="utf-8") as handle:
                     global_step = json.load(handle)["global_step"]
-                self.train_dataset.fast_forward(
-                    global_step * self.args.gradient_accumulation_steps, self.args.per_device_train_batch_size
-                )
+            dataset.fast_forward(global_step * self.args.gradient_accumulation_steps, self.args.per_device_train_batch_size)
         lock = acquire_run_lock(self.accelerator, self.args.output_dir)
         try:
             self.check_teacher()
@@ -280,6 +293,25 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         finally:
             if lock is not None:
                 lock.release()
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        epochs_trained, batches_to_skip = super()._init_training_state(*args, **kwargs)
+        if getattr(self.train_dataset, "resumes_itself", False):
+            # The stream already starts at the resume point (fast_forward): replaying the trained
+            # batches through the DataLoader would cost time that grows with the run.
+            batches_to_skip = 0
+        return epochs_trained, batches_to_skip
+
+    def _get_train_sampler(self, train_dataset=None):
+        """DeiT's repeated-augmentation sampler when the dataset asks for repeats, else the Trainer's."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        repeats = int(getattr(dataset, "repeated_augmentation", 1) or 1)
+        if repeats > 1 and not isinstance(dataset, torch.utils.data.IterableDataset):
+            return RepeatedAugmentationSampler(
+                len(dataset), repeats, self.args.world_size, self._train_batch_size, self.args.gradient_accumulation_steps,
+                seed=self.args.seed, epoch=lambda: getattr(dataset, "epoch", 0),
+            )
+        return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------
     # Loss
@@ -293,8 +325,11 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
     ):
         args = self.args
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
-        self._skipped_images += int(inputs.get("num_skipped", 0))
         mode = "train" if model.training else "eval"
+        skipped = int(inputs.get("num_skipped", 0))
+        counts = self._image_counts[mode]
+        counts[0] += int(inputs.get("num_images", len(pixel_values) + skipped))
+        counts[1] += skipped
         use_teacher = self.teacher is not None and (mode == "train" or args.eval_with_teacher)
         use_features = use_teacher and bool(self.layer_map)
 
@@ -346,7 +381,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
     # Logging
     # ------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        """Add the mean loss components of the window; collective-safe (runs on every rank)."""
+        """Add the mean loss components of the window and the image counts; collective-safe (runs on every rank)."""
         mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
         if mode is not None:
             sums = self._loss_sums[mode]
@@ -357,11 +392,69 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             for name, value in zip(("loss_ce", "loss_kd", self._feature_key), means.tolist()):
                 logs[prefix + name] = round(value, 6)
             self._loss_sums[mode], self._loss_counts[mode] = None, 0
-            if mode == "train":
-                self._check_finite()
-                skipped = torch.tensor(float(self._skipped_images), device=self.args.device)
-                logs["skipped_images"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
+        # an evaluation's metrics carry "<prefix>_runtime" ("eval_runtime", or "teacher_runtime" ...)
+        evaluation = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime") and not k.startswith("train")), None)
+        if mode == "train":
+            self._check_finite()
+            attempted, skipped = self.training_image_counts()
+            logs["skipped_images"], logs["train_images"] = skipped, attempted
+            self._check_skipped("training", attempted, skipped)
+        elif evaluation is not None:
+            attempted, skipped = self._sum_image_counts("eval")
+            logs[f"{evaluation}_images"], logs[f"{evaluation}_skipped_images"] = attempted - skipped, skipped
+            self._check_skipped("evaluation", attempted, skipped)
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------
+    # Undecodable images
+    # ------------------------------------------------------------------------------------------
+    def _sum_image_counts(self, mode: str) -> tuple[int, int]:
+        """``(attempted, undecodable)`` of ``mode`` over all processes since the last call (collective)."""
+        local = torch.tensor(self._image_counts[mode], dtype=torch.float64, device=self.args.device)
+        self._image_counts[mode] = [0, 0]
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        return int(total[0].item()), int(total[1].item())
+
+    def training_image_counts(self) -> tuple[int, int]:
+        """``(attempted, undecodable)`` training images of the whole run, over all processes (collective)."""
+        attempted, skipped = self._sum_image_counts("train")
+        self._train_image_totals[0] += attempted
+        self._train_image_totals[1] += skipped
+        return self._train_image_totals[0], self._train_image_totals[1]
+
+    def _check_skipped(self, what: str, attempted: int, skipped: int) -> None:
+        """Warn above 1 % undecodable images, stop above ``max_skipped_fraction`` (the same decision on every rank).
+
+        An evaluation covers its whole split; training so far is a sample of it (``share_above``).
+        """
+        whole_split, limit = what == "evaluation", self.args.max_skipped_fraction
+        message = f"{skipped:,} of {attempted:,} {what} images ({skipped / max(attempted, 1):.1%}) could not be decoded"
+        if share_above(skipped, attempted, limit, whole_split):
+            raise TooManyBadImagesError(
+                f"max_skipped_fraction: {message}, above the limit of {limit:.1%}; fix or remove the bad files "
+                "(text, truncated or missing images), or raise --max_skipped_fraction"
+            )
+        if share_above(skipped, attempted, 0.01, whole_split) and what not in self._warned_skipped:
+            self._warned_skipped.add(what)
+            logger.warning("%s and were skipped (the run stops above --max_skipped_fraction, %.1f %%)", message, 100 * limit)
+
+    def _checkpoint_extras(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training image totals, so a resumed run continues them."""
+        attempted, skipped = self.training_image_counts()
+        return {IMAGE_COUNTS_FILE: {"train_images": attempted, "skipped_images": skipped}}
+
+
+IMAGE_COUNTS_FILE = "image_counts.json"
+
+
+def _read_image_counts(checkpoint: Optional[str]) -> list[int]:
+    """``[attempted, undecodable]`` training images recorded in a checkpoint (zeros without one)."""
+    path = os.path.join(str(checkpoint), IMAGE_COUNTS_FILE) if checkpoint else None
+    if not path or not os.path.isfile(path):
+        return [0, 0]
+    with open(path, encoding="utf-8") as handle:
+        counts = json.load(handle)
+    return [int(counts.get("train_images", 0)), int(counts.get("skipped_images", 0))]
 
 
 def _sample_images(args: SpectralDistillationConfig, trainer_kwargs: dict) -> Optional[torch.Tensor]:

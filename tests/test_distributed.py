@@ -45,6 +45,7 @@ def ddp_run(tmp_path_factory):
     return out, run_two_processes(out)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_complete_and_agree(ddp_run):
     out, ranks = ddp_run
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -59,6 +60,7 @@ def test_ddp_two_processes_complete_and_agree(ddp_run):
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="deepspeed extra not installed")
+@pytest.mark.slow
 def test_deepspeed_zero2_two_processes_match_ddp(ddp_run, tmp_path):
     _, ddp_ranks = ddp_run
     ranks = run_two_processes(tmp_path, "--deepspeed", str(ROOT / "recipes" / "accelerate" / "ds_zero2.json"))
@@ -74,6 +76,7 @@ def test_deepspeed_zero2_two_processes_match_ddp(ddp_run, tmp_path):
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="deepspeed extra not installed")
+@pytest.mark.slow
 def test_deepspeed_zero3_two_processes_shard_student_and_teacher(tmp_path):
     ranks = run_two_processes(tmp_path, "--deepspeed", str(ROOT / "recipes" / "accelerate" / "ds_zero3.json"))
     assert ranks[0]["teacher_type"] == "DeepSpeedEngine"

@@ -92,7 +92,6 @@ def test_yaml_config_with_command_line_overrides(imagefolder, saved_models, tmp_
     assert same.beta == 0.3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streaming_runs_with_max_steps_and_resumes_exactly(workers, parquet_dataset, saved_models, tmp_path):
     import shutil
@@ -113,6 +112,9 @@ def test_streaming_runs_with_max_steps_and_resumes_exactly(workers, parquet_data
     resumed_state = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     losses = lambda history: [(e["step"], e["loss"], e["loss_fft"]) for e in history if "loss" in e]  # noqa: E731
     assert losses(resumed_state)[-1] == pytest.approx(losses(full_state)[-1], rel=1e-5)
+    # the image totals continue from the checkpoint: 12 steps of 4 images, whichever run
+    for folder in (full, resumed):
+        assert json.loads((folder / "results.json").read_text())["train_images"] == 48
 
 
 def test_streamed_parquet_derives_max_steps_from_epochs(parquet_dataset, saved_models, tmp_path):
@@ -166,6 +168,9 @@ def test_paper_configs_hold_the_paper_hyperparameters():
     assert deit.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and deit.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
     _, _, swin = run_distill.parse_arguments([str(ROOT / "recipes/configs/swin_tiny_from_swin_small.yaml"), "--use_cpu", "true"])
     assert (swin.beta, swin.num_train_epochs, swin.student_layers, swin.teacher_layers) == (0.05, 500, [0, 1, 2, 3], [0, 1, 2, 3])
+    for config in ("deit_tiny_from_cait_s24", "deit_small_from_cait_s24", "swin_tiny_from_swin_small"):  # DeiT's RASampler
+        _, data, _ = run_distill.parse_arguments([str(ROOT / f"recipes/configs/{config}.yaml"), "--use_cpu", "true"])
+        assert data.repeated_augmentation == 3
 
 
 def yaml_values(path: Path) -> dict:
@@ -196,7 +201,8 @@ def test_load_recipe_gives_the_python_api_exactly_the_shipped_recipe(name):
     model_args, data_args, args = objects
     assert args.output_dir == "runs/api" and args.scale_lr
     assert args.learning_rate == pytest.approx(expected["learning_rate"] * args.global_batch_size / 512)
-    assert args.max_steps == -(-int(args.num_train_epochs * 1_281_167) // args.global_batch_size)  # epochs of ImageNet
+    # epochs of ImageNet, counted as DeiT's repeated-augmentation sampler does (whole global batches only)
+    assert args.max_steps == int(args.num_train_epochs) * (1_281_167 // args.global_batch_size)
     if name == "deit_tiny_hard_kd":
         assert (args.distillation_type, args.alpha, args.beta) == ("hard", 0.5, 0.0)
     # The README's API example is this call.

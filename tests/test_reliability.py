@@ -278,6 +278,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(streaming, saved_models, 
         assert b[key] == pytest.approx(a[key], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops_without_a_final_student(saved_models, imagefolder, tmp_path):
     out = tmp_path / "out"
     argv = tiny_run_args(saved_models, imagefolder, out, "--max_steps", "400", "--save_steps", "50", "--eval_strategy", "no",

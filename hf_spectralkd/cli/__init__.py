@@ -21,6 +21,8 @@ from .common import exit_on_error
 
 
 def _select_layers(options) -> int:
+    import torch
+
     from ..analysis import SpectralProfile, select_layers, spectral_profile
     from ..features import describe_taps
     from ..models import load_model
@@ -31,10 +33,15 @@ def _select_layers(options) -> int:
     else:
         if not options.teacher or not options.dataset:
             raise ConfigurationError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
+        if options.batch_size <= 0:
+            raise ConfigurationError(f"batch-size: must be positive, got {options.batch_size}")
+        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = load_model(options.teacher, argument="teacher", revision=options.revision, trust_remote_code=options.trust_remote_code)
-        images, _ = load_images(options.dataset, options.split, options.num_images, "balanced")
+        images, _ = load_images(options.dataset, options.split, options.num_images, "balanced", options.image_column,
+                                options.label_column, options.streaming)
         pixel_values = preprocess(images, loaded.model, options.teacher if loaded.kind == "pretrained" else None, options.revision)
-        profile = spectral_profile(loaded.model.eval(), pixel_values, progress=True, model_name=options.teacher)
+        profile = spectral_profile(loaded.model.to(device).eval(), pixel_values.to(device), batch_size=options.batch_size,
+                                   progress=True, model_name=options.teacher)
     if options.student_depth is not None:
         student_depth = options.student_depth
     elif options.student:
@@ -142,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--dataset", help="Images to profile the teacher on (folder or dataset).")
     select.add_argument("--split", default="validation", help="Dataset split. Default: validation.")
     select.add_argument("--num-images", type=int, default=32, help="Images to profile the teacher on. Default: 32.")
+    select.add_argument("--batch-size", type=int, default=32, help="Images per forward pass. Default: 32.")
+    select.add_argument("--image-column", default="image", help="Image column of a dataset. Default: image.")
+    select.add_argument("--label-column", default="label", help="Label column of a dataset. Default: label.")
+    select.add_argument("--streaming", action="store_true",
+                        help="Stream a local dataset too (Hub datasets are always streamed: only the images used are read).")
+    select.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     select.add_argument("--k", type=int, default=None, help="At most this many pairs (default: the student's depth).")
     select.add_argument("--revision", default=None, help="Teacher revision on the Hub.")
     select.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the Hub to run.")

@@ -50,7 +50,8 @@ def add_arguments(parser) -> None:
                              "order (the reference setting: first 32 ImageNet-val images). Default: balanced.")
     parser.add_argument("--image-column", default="image", help="Image column of a dataset. Default: image.")
     parser.add_argument("--label-column", default="label", help="Label column of a dataset. Default: label.")
-    parser.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading the split.")
+    parser.add_argument("--streaming", action="store_true",
+                        help="Stream a local dataset too (Hub datasets are always streamed: only the images used are read).")
     parser.add_argument("--output-dir", default="spectral_analysis", help="Where profile.json and the plots go. Default: spectral_analysis.")
     parser.add_argument("--compare", default=None, metavar="OTHER_PROFILE.json",
                         help="Another model's profile.json (e.g. the teacher's) to overlay and compare with.")

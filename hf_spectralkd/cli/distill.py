@@ -236,15 +236,16 @@ def parse_arguments(
     return tuple(parsed)
 
 
-def streamed_max_steps(args: SpectralDistillationConfig, train_size: Optional[int]) -> int:
-    """Optimizer steps of ``--num_train_epochs`` over a streamed split of ``train_size`` images (a stream has no length)."""
+def streamed_max_steps(args: SpectralDistillationConfig, train_size: Optional[int], repeats: int = 1) -> int:
+    """Optimizer steps of ``--num_train_epochs`` over a streamed split of ``train_size`` images (a stream has
+    no length), an epoch counted as the reference does with ``repeats`` augmented copies of each image."""
     if not train_size:
         raise ConfigurationError(
             "max_steps: a streamed dataset of unknown size needs --max_steps, or --train_samples to derive it "
             "from --num_train_epochs"
         )
     return steps_for_epochs(train_size, args.num_train_epochs, args.per_device_train_batch_size, args.world_size,
-                            args.gradient_accumulation_steps)
+                            args.gradient_accumulation_steps, repeats)
 
 
 def load_recipe(
@@ -263,7 +264,7 @@ def load_recipe(
 
         size = data_args.train_samples or KNOWN_TRAIN_SIZES.get(data_args.dataset)
         if size:
-            args = dataclasses.replace(args, max_steps=streamed_max_steps(args, size))
+            args = dataclasses.replace(args, max_steps=streamed_max_steps(args, size, data_args.repeated_augmentation))
     return model_args, data_args, args
 
 
@@ -422,7 +423,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         )
         raw.args = data_args
     image_size = data_args.image_size or describe_taps(student.model).image_size[0]
-    data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor)
+    with args.main_process_first(desc="stream layout"):  # remote footers are read, or shards counted, once
+        data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor, cache_dir=args.output_dir)
     processor = data.image_processor
     student_spec = spec_from_processor(processor, source="the student's batches")
 
@@ -446,7 +448,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
                               teacher_spec, license_, started)
 
     if data.streaming and args.max_steps <= 0:
-        args.max_steps = streamed_max_steps(args, data.train_size)
+        args.max_steps = streamed_max_steps(args, data.train_size, data_args.repeated_augmentation)
     if args.eval_strategy != "no" and data.eval is None:
         raise ConfigurationError(f"eval_strategy: '{args.eval_strategy}' needs an eval split; '{data_args.eval_split}' was not found")
 
@@ -504,9 +506,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         )
     summary.record_training_state(trainer.state)
     summary.train_runtime_s = train_result.metrics.get("train_runtime")
-    summary.skipped_images = next(
-        (e["skipped_images"] for e in reversed(trainer.state.log_history) if "skipped_images" in e), 0
-    )
+    summary.record_image_counts(*trainer.training_image_counts())  # every process: a sum over them
     _finish(summary, trainer, model_args, args, started)
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="SpectralKD distilled student")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -10,7 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data import DataArguments, decode_image, open_image_datasets
+from ..data import DataArguments, decode_image
+from ..data.sources import open_split
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -60,22 +62,33 @@ def images_from_folder(root: Path, num_images: int, sample: str) -> tuple[list[I
     return images, used
 
 
+#: With --sample balanced on a stream, the labels of this many rows per wanted image are looked at.
+BALANCED_LOOKAHEAD = 20
+
+
 def images_from_dataset(args: DataArguments, split: str, num_images: int, sample: str) -> tuple[list[Image.Image], list[str]]:
-    """Images of one split of a Hub/local dataset (``balanced``: round-robin over labels)."""
-    args.train_split, args.eval_split = split, None
-    raw = open_image_datasets(args).train
+    """Images of one split of a Hub/local dataset (``balanced``: round-robin over labels).
+
+    A stream is read only as far as needed: ``first`` stops at the ``num_images``-th decodable image,
+    ``balanced`` reads ``20 × num_images`` records (undecoded) to choose among. Only the chosen
+    images are decoded.
+    """
+    raw = open_split(args, split)
     if args.streaming:
-        chosen = list(raw.take(num_images if sample == "first" else num_images * 20))
-        rows = [chosen[i] for i in (balanced_order([r[args.label_column] for r in chosen]) if sample == "balanced" else range(len(chosen)))]
-        indices = list(range(len(rows)))
+        if sample == "first":
+            candidates = ((index, row[args.image_column]) for index, row in enumerate(raw))
+        else:
+            rows = list(islice(raw, num_images * BALANCED_LOOKAHEAD))
+            order = balanced_order([row[args.label_column] for row in rows])
+            candidates = ((index, rows[index][args.image_column]) for index in order)
     else:
         order = balanced_order(raw[args.label_column]) if sample == "balanced" else range(len(raw))
-        indices = list(order)[: num_images * 2]
-        rows = [raw[i] for i in indices]
+        candidates = ((index, raw[index][args.image_column]) for index in list(order)[: num_images * 2])
     images, used = [], []
-    for index, row in zip(indices, rows):
-        image = decode_image(row[args.image_column])
+    for index, value in candidates:
+        image = decode_image(value)
         if image is None:
+            logger.warning("skipping undecodable image %s[%d]", split, index)
             continue
         images.append(image)
         used.append(f"{split}[{index}]")
@@ -84,11 +97,16 @@ def images_from_dataset(args: DataArguments, split: str, num_images: int, sample
     return images, used
 
 
+def is_hub_id(dataset: str) -> bool:
+    """Not a local path nor the demo: a dataset on the Hub, which analyses stream."""
+    return not Path(dataset).expanduser().exists() and not dataset.startswith("demo:")
+
+
 def load_images(
     dataset: str, split: str, num_images: int, sample: str = "balanced", image_column: str = "image",
     label_column: str = "label", streaming: bool = False,
 ) -> tuple[list[Image.Image], list[str]]:
-    """``num_images`` RGB images and their identifiers from a folder or a dataset."""
+    """``num_images`` RGB images and their identifiers from a folder or a dataset (Hub ids are always streamed)."""
     if num_images <= 0:
         raise ConfigurationError(f"num-images: must be positive, got {num_images}")
     if sample not in ("balanced", "first"):
@@ -98,7 +116,8 @@ def load_images(
     if root.exists() and not has_splits and _is_plain_image_folder(root) and not any(root.rglob("*.parquet")):
         images, used = images_from_folder(root, num_images, sample)
     else:
-        data_args = DataArguments(dataset=dataset, image_column=image_column, label_column=label_column, streaming=streaming)
+        data_args = DataArguments(dataset=dataset, image_column=image_column, label_column=label_column,
+                                  streaming=streaming or is_hub_id(dataset))
         images, used = images_from_dataset(data_args, split, num_images, sample)
     if not images:
         raise ConfigurationError(f"dataset: no decodable image found in '{dataset}'")

@@ -8,20 +8,24 @@ Transforms are timm's: DeiT training augmentation (RandomResizedCrop, flip, Rand
 ``rand-m9-mstd0.5-inc1``, random erasing 0.25, bicubic) and resize + center-crop evaluation. Mixup /
 CutMix (timm ``Mixup``) are optional and produce soft targets.
 
-Two properties the trainer relies on:
+Properties the trainer relies on:
 
-* **Undecodable images are skipped, not fatal.** Images are decoded here (the column is read with
-  ``decode=False``); a failure yields an empty sample that the collator drops and counts
-  (``num_skipped`` in the batch, logged as ``skipped_images``).
+* **One decoder, and undecodable images are skipped, not fatal.** Images are decoded here (the
+  column is read with ``decode=False``) by ``datasets.Image(mode="RGB")``'s decoder, EXIF orientation
+  applied as ``pipeline()`` does; a failure yields an empty sample that the collator drops and counts
+  (``num_skipped`` and ``num_images`` in the batch; the trainer logs ``skipped_images`` and
+  ``eval_skipped_images`` and stops above ``max_skipped_fraction``).
 * **Augmentation is a pure function of (seed, sample identity).** Each sample is augmented under
-  RNGs seeded from ``(seed, epoch, index)`` (map-style) or ``(seed, content hash, stream position)``
+  RNGs seeded from ``(seed, epoch, index[, copy])`` (map-style) or ``(seed, pass, shard, row, copy)``
   (streaming), never from the process-global RNG state. A resumed run, any worker count and any
   prefetching therefore see exactly the same augmented images as an uninterrupted run.
-* **Streams resume exactly and cheaply** (:mod:`.streaming`): a streamed split is an endless
-  sequence of reshuffled passes, and the batches a resumed run skips are read but not decoded.
+* **Streams mix, resume and repeat by arithmetic** (:mod:`.streaming`): every pass permutes the row
+  groups of all shards, each reader draws from all of them, and a resume reads one window, whatever
+  the pass. Repeated augmentation (``repeated_augmentation``) works for both kinds of data.
 
 Modules: ``arguments`` (options), ``transforms`` (decoding, timm transforms, seeding), ``sources``
-(opening datasets, map-style wrapper, collator), ``streaming``, ``demo`` (the offline digits).
+(opening datasets, map-style wrapper, collator), ``shards`` (reading raw records by shard and row),
+``streaming``, ``sampling`` (repeated augmentation), ``demo`` (the offline digits).
 """
 
 from .arguments import (
@@ -31,6 +35,8 @@ from .arguments import (
     KNOWN_TRAIN_SIZES,
     DataArguments,
 )
+from .sampling import RepeatedAugmentationSampler
+from .shards import IterableDatasetShards, ParquetShards, ShardLayout
 from .sources import (
     DatasetEpochCallback,
     ImageClassificationCollator,
@@ -41,6 +47,7 @@ from .sources import (
     load_image_datasets,
     open_image_datasets,
     prepare_image_datasets,
+    share_above,
     steps_for_epochs,
 )
 from .streaming import ResumableImageStream
@@ -63,8 +70,12 @@ __all__ = [
     "DatasetEpochCallback",
     "ImageClassificationCollator",
     "ImageDatasets",
+    "IterableDatasetShards",
+    "ParquetShards",
     "RawImageDatasets",
+    "RepeatedAugmentationSampler",
     "ResumableImageStream",
+    "ShardLayout",
     "TransformedImageDataset",
     "build_eval_transform",
     "build_image_processor",
@@ -77,5 +88,6 @@ __all__ = [
     "prepare_image_datasets",
     "sample_seed",
     "seeded_rngs",
+    "share_above",
     "steps_for_epochs",
 ]

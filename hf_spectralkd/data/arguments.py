@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..errors import ConfigurationError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEMO_DATASET = "demo:mnist5k"
@@ -43,7 +45,21 @@ class DataArguments:
         default=None,
         metadata={"help": "Number of training images of a streamed dataset, to derive max_steps from epochs."},
     )
-    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed train split."})
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={
+            "help": "Records per shuffle window of a streamed train split: each DataLoader worker reads a window's "
+            "row groups (drawn from all shards) and emits them in a random order; it holds up to two windows."
+        },
+    )
+    repeated_augmentation: int = field(
+        default=1,
+        metadata={
+            "help": "Repeated augmentation (DeiT's RASampler): each image is used this many times at nearby positions, "
+            "each copy augmented differently; an epoch still counts len(train) samples (so about len/N distinct "
+            "images). 1 disables; 3 in the paper configs."
+        },
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the train split (debugging)."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the eval split."})
     image_size: Optional[int] = field(
@@ -75,6 +91,12 @@ class DataArguments:
     image_std: Optional[list[float]] = field(
         default=None, metadata={"help": "Normalisation std of the student's batches (default: as --image_mean)."}
     )
+
+    def __post_init__(self) -> None:
+        for name in ("repeated_augmentation", "shuffle_buffer_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name}: expected a positive integer, got {value!r}")
 
     @property
     def crop_pct(self) -> float:

@@ -12,9 +12,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, TooManyBadImagesError
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
-from .streaming import FAST_FORWARD, ResumableImageStream
+from .shards import IterableDatasetShards, ParquetShards
+from .streaming import ResumableImageStream
 from .transforms import (
     build_eval_transform,
     build_image_processor,
@@ -33,47 +34,60 @@ class TransformedImageDataset(torch.utils.data.Dataset):
 
     ``set_epoch`` (called each epoch by the trainer, resumed epochs included) changes the
     augmentation of every sample; the epoch lives in shared memory so persistent workers see it too.
+    An item is an index, or an ``(index, copy)`` pair from
+    :class:`~.sampling.RepeatedAugmentationSampler`: each copy of an image gets its own augmentation.
+
+    Args:
+        repeated_augmentation: copies of each image per epoch the trainer's sampler should draw (1: off).
     """
 
-    def __init__(self, dataset, transform: Callable, image_column: str, label_column: str, seed: int = 0):
+    def __init__(self, dataset, transform: Callable, image_column: str, label_column: str, seed: int = 0,
+                 repeated_augmentation: int = 1):
         import datasets
 
         self.dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.transform, self.image_column, self.label_column, self.seed = transform, image_column, label_column, seed
+        self.repeated_augmentation = max(1, int(repeated_augmentation))
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.dataset[int(index)]
-        seed = sample_seed(self.seed, int(self._epoch), int(index))
-        return transform_row(row[self.image_column], row[self.label_column], self.transform, seed)
+    def __getitem__(self, item) -> dict[str, Any]:
+        index, copy = (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), 0)
+        row = self.dataset[index]
+        # copy 0 keeps the seed of a run without repeated augmentation
+        parts = (self.seed, self.epoch, index) if copy == 0 else (self.seed, self.epoch, index, copy)
+        return transform_row(row[self.image_column], row[self.label_column], self.transform, sample_seed(*parts))
 
 
 class ImageClassificationCollator:
-    """Stack samples into ``{"pixel_values": B×3×S×S, "labels": B (or B×K), "num_skipped": int}``.
+    """Stack samples into ``{"pixel_values": B×3×S×S, "labels": B (or B×K), "num_skipped", "num_images"}``.
 
-    Samples whose image failed to decode (``pixel_values is None``) are dropped and counted. With a
-    timm ``Mixup``, the batch is mixed under an RNG seeded from its samples' seeds and ``labels``
-    become ``B×K`` soft targets.
+    Samples whose image failed to decode (``pixel_values is None``) are dropped and counted in
+    ``num_skipped``; ``num_images`` is the number of samples the batch was made from, decodable or
+    not (the trainer's denominators). With a timm ``Mixup``, the batch is mixed under an RNG seeded
+    from its samples' seeds and ``labels`` become ``B×K`` soft targets; an odd batch loses its last
+    image first (timm pairs images by flipping the batch), which is not counted as skipped.
     """
 
     def __init__(self, mixup: Optional[Callable] = None):
         self.mixup = mixup
 
     def __call__(self, samples: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
-        if samples and all(s is not None and s.get(FAST_FORWARD) for s in samples):
-            # a batch a resumed run skips without decoding (ResumableImageStream.fast_forward)
-            return {"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.long), "num_skipped": 0}
         valid = [s for s in samples if s is not None and s.get("pixel_values") is not None]
         skipped = len(samples) - len(valid)
         if not valid:
-            raise RuntimeError(
-                f"every image of a batch of {len(samples)} failed to decode; check the dataset's image column"
+            raise TooManyBadImagesError(
+                f"image_column: every image of a batch of {len(samples)} failed to decode; check that the dataset's "
+                "image column holds images (--image_column)"
             )
         pixel_values = torch.stack([torch.as_tensor(s["pixel_values"]) for s in valid])
         labels = torch.as_tensor([int(s["labels"]) for s in valid], dtype=torch.long)
@@ -81,11 +95,29 @@ class ImageClassificationCollator:
             if len(valid) % 2:
                 # timm's Mixup pairs images by flipping the batch and needs an even size.
                 pixel_values, labels = pixel_values[:-1], labels[:-1]
-                skipped += 1
             batch_seed = sample_seed(*(s.get("seed", 0) for s in valid))
             with seeded_rngs(batch_seed):
                 pixel_values, labels = self.mixup(pixel_values, labels)
-        return {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped}
+        return {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped, "num_images": len(samples)}
+
+
+def share_above(count: int, total: int, limit: float, whole_split: bool, z: float = 3.09) -> bool:
+    """Whether more than ``limit`` of a split's images fail, given ``count`` failures among ``total`` read.
+
+    On a whole split (an evaluation) the observed share is the answer. On part of one (training
+    so far) it is only an estimate, and a few early failures in a small sample would otherwise stop
+    a sound run: the answer is then yes only when the lower end of the Wilson interval, at 99.9 %
+    one-sided confidence (``z`` = 3.09), is above ``limit``.
+    """
+    if total <= 0 or count <= 0:
+        return False
+    share = count / total
+    if whole_split:
+        return share > limit
+    z2 = z * z
+    center = share + z2 / (2 * total)
+    spread = z * math.sqrt(share * (1 - share) / total + z2 / (4 * total * total))
+    return (center - spread) / (1 + z2 / total) > limit
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -106,6 +138,13 @@ class DatasetEpochCallback(TrainerCallback):
         dataset = self.get_dataset()
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A stream that resumes itself is not replayed, so the Trainer counts the resumed run's steps
+        # from 0 when it computes the epoch. A stream is one epoch of max_steps steps: an uninterrupted
+        # run computes (global_step·GA)/(max_steps·GA), which rounds to the same float as this.
+        if getattr(self.get_dataset(), "resumes_itself", False) and state.max_steps:
+            state.epoch = state.global_step / state.max_steps
 
 
 def first_images(dataset, count: int) -> Optional[torch.Tensor]:
@@ -147,7 +186,10 @@ def _split_of(path: Path, splits: Sequence[str]) -> Optional[str]:
 
 
 def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[str] = None):
-    """One split of the source as a ``datasets`` (Iterable)Dataset."""
+    """One split of the source as a ``datasets`` (Iterable)Dataset, and its parquet files when it is stored as parquet.
+
+    Returns ``(dataset, files)``; ``files`` is ``None`` for other formats (image folders, tars, the demo).
+    """
     import datasets
 
     if args.dataset == DEMO_DATASET:
@@ -157,7 +199,7 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
         if split not in raw:
             raise ConfigurationError(f"eval_split/train_split: '{split}' is not a split of {DEMO_DATASET} (train, test)")
         ds = raw[split]
-        return ds.to_iterable_dataset(num_shards=4) if streaming else ds
+        return (ds.to_iterable_dataset(num_shards=4) if streaming else ds), None
     root = Path(os.path.expanduser(args.dataset))
     if root.exists():
         parquet = _local_parquet_files(root)
@@ -169,11 +211,30 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
                 by_split["validation"] = by_split.pop("val")
             if split not in by_split:
                 raise KeyError(split)
-            return datasets.load_dataset("parquet", data_files={split: by_split[split]}, split=split, streaming=streaming)
-        return datasets.load_dataset("imagefolder", data_dir=str(root), split=split, streaming=streaming)
-    return datasets.load_dataset(
-        args.dataset, args.dataset_config, split=split, streaming=streaming, revision=args.dataset_revision, token=token
-    )
+            ds = datasets.load_dataset("parquet", data_files={split: by_split[split]}, split=split, streaming=streaming)
+            return ds, by_split[split]
+        return datasets.load_dataset("imagefolder", data_dir=str(root), split=split, streaming=streaming), None
+    if not streaming:
+        return datasets.load_dataset(args.dataset, args.dataset_config, split=split, revision=args.dataset_revision,
+                                     token=token), None
+    # load_dataset(streaming=True) is these two calls; the builder also knows the parquet files.
+    builder = datasets.load_dataset_builder(args.dataset, args.dataset_config, revision=args.dataset_revision, token=token)
+    return builder.as_streaming_dataset(split=split), parquet_files_of(builder, split)
+
+
+def parquet_files_of(builder, split: str) -> Optional[list[str]]:
+    """The data files of ``split`` when ``builder`` reads parquet (Hub datasets stored as parquet, e.g. ImageNet-1k).
+
+    They are the resolved ``hf://datasets/<id>@<commit>/...`` URLs ``datasets`` itself streams.
+    """
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    if not isinstance(builder, Parquet) or not builder.config.data_files:
+        return None
+    for name, files in builder.config.data_files.items():
+        if str(name) == split:
+            return [str(f) for f in files] if all(str(f).endswith(".parquet") for f in files) else None
+    return None
 
 
 def _available_splits(args: DataArguments) -> Optional[list[str]]:
@@ -200,6 +261,28 @@ def _check_columns(ds, args: DataArguments) -> None:
             )
 
 
+def open_split(args: DataArguments, split: str, token: Optional[str] = None):
+    """One split as a ``datasets`` (Iterable)Dataset with its image column undecoded (for analyses).
+
+    Streamed when ``args.streaming``: nothing is downloaded beyond the records iterated.
+
+    Raises:
+        ConfigurationError: unknown dataset or split, missing image/label column.
+    """
+    import datasets
+
+    try:
+        raw, _ = _load_raw(args, split, args.streaming, token)
+    except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
+        splits = _available_splits(args)
+        if splits is not None and split not in splits:
+            raise ConfigurationError(f"split: '{split}' is not a split of '{args.dataset}'; splits: {splits}") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigurationError(f"dataset: cannot load '{args.dataset}': {reason}") from error
+    _check_columns(raw, args)
+    return raw.cast_column(args.image_column, datasets.Image(decode=False))
+
+
 def _label_names(ds, args: DataArguments) -> dict[int, str]:
     import datasets
 
@@ -224,6 +307,7 @@ class RawImageDatasets:
     id2label: dict[int, str]
     args: DataArguments
     eval_split: Optional[str] = None  # where the eval images come from, e.g. "validation" or "train[held-out 10%]"
+    train_files: Optional[list[str]] = None  # the train split's parquet files, when it is stored as parquet
 
 
 def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str] = None) -> RawImageDatasets:
@@ -235,7 +319,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     import datasets
 
     try:
-        train_raw = _load_raw(args, args.train_split, args.streaming, token)
+        train_raw, train_files = _load_raw(args, args.train_split, args.streaming, token)
     except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
         splits = _available_splits(args)
         if splits is not None and args.train_split not in splits:
@@ -251,7 +335,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     eval_raw, eval_split = None, args.eval_split
     if args.eval_split:
         try:
-            eval_raw = _load_raw(args, args.eval_split, False, token)
+            eval_raw, _ = _load_raw(args, args.eval_split, False, token)
         except (FileNotFoundError, KeyError, ValueError, OSError):
             eval_raw = None
         if eval_raw is not None:
@@ -262,33 +346,40 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
         eval_split = f"{args.train_split}[held-out {args.validation_fraction:.0%}]"
         logger.info("no '%s' split: held out %d training images for evaluation", args.eval_split, len(eval_raw))
 
-    if args.max_train_samples is not None:
-        if args.streaming:
-            train_raw = train_raw.take(args.max_train_samples)
-        else:
-            train_raw = train_raw.select(range(min(args.max_train_samples, len(train_raw))))
+    if args.max_train_samples is not None and not args.streaming:  # a stream keeps its first rows (prepare_image_datasets)
+        train_raw = train_raw.select(range(min(args.max_train_samples, len(train_raw))))
     if eval_raw is not None and args.max_eval_samples is not None:
         eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
-    return RawImageDatasets(train_raw, eval_raw, id2label, args, eval_split if eval_raw is not None else None)
+    return RawImageDatasets(train_raw, eval_raw, id2label, args, eval_split if eval_raw is not None else None, train_files)
 
 
 def prepare_image_datasets(
-    raw: RawImageDatasets, image_size: int, seed: int = 0, label_smoothing: float = 0.1
+    raw: RawImageDatasets, image_size: int, seed: int = 0, label_smoothing: float = 0.1, cache_dir: Optional[str] = None
 ) -> ImageDatasets:
-    """Attach the train/eval transforms and build the collator (step two of loading)."""
+    """Attach the train/eval transforms and build the collator (step two of loading).
+
+    A streamed train split becomes a :class:`~.streaming.ResumableImageStream`; its layout (rows per
+    block) is read from parquet footers here, or, for other formats, counted once when training
+    starts; ``cache_dir`` (the run's output folder) keeps it as ``stream_layout.json``.
+    """
     args = raw.args
     train_transform = build_train_transform(args, image_size)
     eval_transform = build_eval_transform(args, image_size)
     if args.streaming:
-        train_size = args.train_samples or _streamed_size(raw.train, args)
+        if raw.train_files:
+            source = ParquetShards(raw.train_files, args.image_column, args.label_column)
+        else:
+            name = "/".join(str(part) for part in (args.dataset, args.dataset_config, args.train_split, args.dataset_revision) if part)
+            source = IterableDatasetShards(raw.train, args.image_column, args.label_column, name)
+        train = ResumableImageStream(source, train_transform, seed, args.shuffle_buffer_size, args.repeated_augmentation,
+                                     max_rows=args.max_train_samples, cache_dir=cache_dir)
+        train_size = args.train_samples or (train.num_rows if raw.train_files else _streamed_size(raw.train, args))
         if args.max_train_samples is not None:
             train_size = min(train_size, args.max_train_samples) if train_size else args.max_train_samples
-        train = ResumableImageStream(
-            raw.train, train_transform, args.image_column, args.label_column, seed, args.shuffle_buffer_size
-        )
     else:
         train_size = len(raw.train)
-        train = TransformedImageDataset(raw.train, train_transform, args.image_column, args.label_column, seed)
+        train = TransformedImageDataset(raw.train, train_transform, args.image_column, args.label_column, seed,
+                                        args.repeated_augmentation)
     evaluation = None
     if raw.eval is not None:
         evaluation = TransformedImageDataset(raw.eval, eval_transform, args.image_column, args.label_column, seed)
@@ -298,10 +389,11 @@ def prepare_image_datasets(
 
 
 def load_image_datasets(
-    args: DataArguments, image_size: int, seed: int = 0, label_smoothing: float = 0.1, token: Optional[str] = None
+    args: DataArguments, image_size: int, seed: int = 0, label_smoothing: float = 0.1, token: Optional[str] = None,
+    cache_dir: Optional[str] = None,
 ) -> ImageDatasets:
     """:func:`open_image_datasets` then :func:`prepare_image_datasets`."""
-    return prepare_image_datasets(open_image_datasets(args, seed, token), image_size, seed, label_smoothing)
+    return prepare_image_datasets(open_image_datasets(args, seed, token), image_size, seed, label_smoothing, cache_dir)
 
 
 def _streamed_size(ds, args: DataArguments) -> Optional[int]:
@@ -311,7 +403,17 @@ def _streamed_size(ds, args: DataArguments) -> Optional[int]:
     return KNOWN_TRAIN_SIZES.get(args.dataset)
 
 
-def steps_for_epochs(num_examples: int, epochs: float, per_device_batch_size: int, world_size: int, grad_accum: int) -> int:
-    """Optimizer steps covering ``epochs`` passes over ``num_examples`` images (for streamed data)."""
+def steps_for_epochs(num_examples: int, epochs: float, per_device_batch_size: int, world_size: int, grad_accum: int,
+                     repeated_augmentation: int = 1) -> int:
+    """Optimizer steps covering ``epochs`` epochs of ``num_examples`` images (for streamed data).
+
+    An epoch is ``num_examples`` samples, with or without repeated augmentation, as in DeiT: with
+    ``R`` repeats it holds about ``num_examples / R`` distinct images seen ``R`` times each, and
+    (like DeiT's ``RASampler`` and :class:`~.sampling.RepeatedAugmentationSampler`) only whole
+    global batches, ``⌊num_examples / global batch⌋`` steps. Without repeats a partial last batch
+    counts as a step.
+    """
     global_batch = per_device_batch_size * world_size * grad_accum
+    if repeated_augmentation > 1:
+        return max(1, math.ceil(epochs * max(1, num_examples // global_batch)))
     return max(1, math.ceil(epochs * num_examples / global_batch))

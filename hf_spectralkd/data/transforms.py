@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
+import os
 import random
 from typing import Any, Callable, Iterator, Optional
 
+import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from .arguments import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 
 logger = logging.getLogger(__name__)
+#: The one decoder of every image the library reads (training, evaluation, analysis).
+_RGB_DECODER = datasets.Image(mode="RGB")
 
 
 def build_train_transform(args: DataArguments, image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -143,36 +146,46 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         generator.set_state(torch_state)
 
 
-def decode_image(value: Any) -> Optional[Image.Image]:
-    """An RGB PIL image from a ``datasets.Image(decode=False)`` value, a path, bytes or PIL image.
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """The EXIF orientation applied, then RGB: what ``datasets.Image(mode="RGB")`` and ``load_image`` do to a PIL image."""
+    if image.getexif().get(ExifTags.Base.Orientation) is not None:
+        image = ImageOps.exif_transpose(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class _TokenForAnyRepository(dict):
+    """``token_per_repo_id`` for ``datasets``' decoder: one token for every Hub repository."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self.token = token
+
+    def get(self, key, default=None):
+        return self.token
+
+
+def decode_image(value: Any, token: Optional[str] = None) -> Optional[Image.Image]:
+    """An upright RGB PIL image, decoded exactly as ``datasets.Image(mode="RGB").decode_example`` decodes.
+
+    ``value`` is a ``datasets.Image(decode=False)`` value (``{"bytes", "path"}``), a path or URL
+    (local, ``hf://``, ``https://``; Hub files are read with ``token``, by default ``HF_TOKEN`` or
+    the cached login), bytes, or a PIL image. The EXIF orientation is applied and the image
+    converted to RGB, as transformers' ``load_image`` does in ``pipeline()``, so training,
+    evaluation, analysis and inference see the same pixels.
 
     Returns ``None`` when the image cannot be decoded (truncated, not an image, missing file).
     """
     try:
         if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict):
-            raw, path = value.get("bytes"), value.get("path")
-            image = Image.open(io.BytesIO(raw)) if raw is not None else Image.open(path)
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        else:
-            image = Image.open(value)
-        image.load()  # force the full decode here, inside the try
-        return image.convert("RGB")
+            return upright_rgb(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = {"bytes": bytes(value), "path": None}
+        elif isinstance(value, (str, os.PathLike)):
+            value = {"bytes": None, "path": os.fspath(value)}
+        return _RGB_DECODER.decode_example(value, token_per_repo_id=_TokenForAnyRepository(token) if token else None)
     except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
         logger.debug("skipping undecodable image: %s", error)
         return None
-
-
-def content_key(value: Any) -> str:
-    """A stable identity of an image record: a hash of its bytes, else its path."""
-    if isinstance(value, dict):
-        raw = value.get("bytes")
-        if raw is not None:
-            return hashlib.blake2b(raw, digest_size=8).hexdigest()
-        return str(value.get("path"))
-    return str(value)
 
 
 def transform_row(image_value: Any, label: Any, transform: Callable, seed: int) -> dict[str, Any]:
