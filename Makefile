@@ -6,7 +6,7 @@
 #   make bench     training-step and data-pipeline benchmarks (see bench/README.md)
 #   make ablation  no KD / soft KD / SpectralKD / feature MSE on the demo, 3 seeds: table + plot (≤ 15 min)
 #   make lint      ruff (pyflakes, bugbear, import order; settings in pyproject.toml)
-#   make test-fast the suite without the tests marked slow (over 20 s each)
+#   make test-fast the suite without the tests marked slow (10 s or more each)
 
 PYTHON ?= python3
 VENV   := .venv
