@@ -15,8 +15,8 @@ STAMP  := $(VENV)/.installed-stamp
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # make demo STUDENT=widelast: the demo with the WideLast student (last block widened to the teacher's width)
 STUDENT ?= vit
-DEMO_CONFIG_vit      := recipes/configs/demo.yaml
-DEMO_CONFIG_widelast := recipes/configs/demo_widelast.yaml
+DEMO_CONFIG_vit      := demo
+DEMO_CONFIG_widelast := demo_widelast
 DEMO_CONFIG = $(or $(DEMO_CONFIG_$(STUDENT)),$(error STUDENT=$(STUDENT): expected vit or widelast))
 
 .PHONY: install demo demo-widelast test test-fast lint dynamics ablation bench clean
@@ -31,11 +31,12 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
+# The installed command with a shipped config: what `pip install` users run (hf-spectralkd distill demo).
 demo: $(STAMP)
-	$(OFFLINE) $(PY) recipes/run_distill.py $(DEMO_CONFIG)
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd distill $(DEMO_CONFIG)
 
 demo-widelast: $(STAMP)
-	$(OFFLINE) $(PY) recipes/run_distill.py $(DEMO_CONFIG_widelast)
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd distill $(DEMO_CONFIG_widelast)
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q tests
@@ -47,7 +48,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_spectralkd recipes tests bench
 
 ablation: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/hf-spectralkd ablate recipes/configs/demo.yaml --output-dir outputs/ablation
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd ablate demo --output-dir outputs/ablation
 
 dynamics: $(STAMP)
 	$(OFFLINE) $(PY) recipes/run_dynamics.py

@@ -45,7 +45,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_spectralkd", "hf_spectralkd.*"]),
-    package_data={"hf_spectralkd": ["templates/*.md"]},
+    package_data={"hf_spectralkd": ["templates/*.md", "configs/*.yaml", "students/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["hf-spectralkd=hf_spectralkd.cli:main"]},

@@ -27,7 +27,7 @@ from hf_spectralkd.layer_map import build_layer_map
 from hf_spectralkd.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "hf_spectralkd" / "configs").glob("*.yaml"))
 
 
 def check_finished_run(output_dir: Path) -> dict:
@@ -186,8 +186,8 @@ def yaml_values(path: Path) -> dict:
 def test_load_recipe_gives_the_python_api_exactly_the_shipped_recipe(name):
     from hf_spectralkd import load_recipe
 
-    path = ROOT / "recipes" / "configs" / f"{name}.yaml"
-    objects = load_recipe(str(path), output_dir="runs/api", use_cpu=True)
+    path = ROOT / "hf_spectralkd" / "configs" / f"{name}.yaml"
+    objects = load_recipe(name, output_dir="runs/api", use_cpu=True)  # by name, as after pip install
     expected = yaml_values(path)
     for key, value in expected.items():
         if key in ("output_dir", "dataloader_pin_memory"):  # overridden here; TrainingArguments turns pinning off on CPU
@@ -206,7 +206,7 @@ def test_load_recipe_gives_the_python_api_exactly_the_shipped_recipe(name):
     if name == "deit_tiny_hard_kd":
         assert (args.distillation_type, args.alpha, args.beta) == ("hard", 0.5, 0.0)
     # The README's API example is this call.
-    assert 'load_recipe("recipes/configs/deit_tiny_from_cait_s24.yaml"' in (ROOT / "README.md").read_text()
+    assert 'load_recipe("deit_tiny_from_cait_s24"' in (ROOT / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------

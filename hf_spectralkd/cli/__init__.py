@@ -2,6 +2,9 @@
 
     hf-spectralkd distill CONFIG.yaml [--option value ...]     (the recipe; --help lists its options)
     hf-spectralkd ablate CONFIG.yaml [--seeds 0 1 2]           (no KD / soft KD / SpectralKD / feature MSE)
+    hf-spectralkd configs                                      (the shipped configs and their paper targets)
+
+A CONFIG is a file or the name of a shipped config: ``hf-spectralkd distill deit_tiny_from_cait_s24``.
     hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num-images 64] [--output-dir DIR]
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
@@ -54,6 +57,22 @@ def _select_layers(options) -> int:
     print(f"student_layers: [{', '.join(map(str, selection.student_layers))}]")
     print(f"teacher_layers: [{', '.join(map(str, selection.teacher_layers))}]")
     print(f"# on the command line: {selection.as_arguments()}")
+    return 0
+
+
+def _configs(options) -> int:
+    from .common import config_target, read_config_file, shipped_configs
+
+    configs = shipped_configs()
+    width = max(len(name) for name in configs)
+    print(f"{'config':<{width}}  {'student ← teacher':<62}  target")
+    for name, path in configs.items():
+        values = read_config_file(str(path))
+        pair = f"{values.get('student', '?')} ← {values.get('teacher') or 'no teacher'}"
+        if values.get("distillation_type") == "none" and not values.get("beta"):
+            pair = f"{values.get('student', '?')} alone"
+        print(f"{name:<{width}}  {pair:<62}  {config_target(path)}")
+    print(f"\nshipped in {configs[next(iter(configs))].parent}; run one with `hf-spectralkd distill NAME [--option value ...]`")
     return 0
 
 
@@ -159,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--revision", default=None, help="Teacher revision on the Hub.")
     select.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the Hub to run.")
     select.set_defaults(handler=_select_layers)
+
+    configs = commands.add_parser("configs", help="List the shipped recipe configs with their paper targets.")
+    configs.set_defaults(handler=_configs)
 
     compare = commands.add_parser("compare", help="How closely a student's spectral profile follows its teacher's.")
     compare.add_argument("student_profile", help="The student's profile.json.")

@@ -16,7 +16,7 @@ feature MSE only    ``--alpha 0 --feature_loss mse`` (spatial feature-map KD, no
 Nothing is tuned per row: every option but the row's own change comes from the config and the
 options given after it (which apply to every run).
 
-    hf-spectralkd ablate recipes/configs/demo.yaml [--seeds 0 1 2] [--output-dir outputs/ablation] [--option value ...]
+    hf-spectralkd ablate demo [--seeds 0 1 2] [--output-dir outputs/ablation] [--option value ...]
 """
 
 from __future__ import annotations

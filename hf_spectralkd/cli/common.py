@@ -128,19 +128,59 @@ def check_config_values(values: dict[str, Any], classes: Sequence[type], config_
         raise ConfigurationError(f"config: {key} must be {_describe(hint)}, got {shown} in '{config_path}'")
 
 
+#: The recipe configs shipped inside the package (``recipes/configs`` in a clone links here).
+SHIPPED_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name → path of every config shipped with the package (``deit_tiny_from_cait_s24``, ``demo``, …)."""
+    return {path.stem: path for path in sorted(SHIPPED_CONFIGS_DIR.glob("*.yaml"))}
+
+
+def config_target(path: Path) -> str:
+    """The paper target a shipped config states in its ``# target:`` line."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# target:"):
+            return line.removeprefix("# target:").strip()
+    return ""
+
+
+def resolve_config(value: str) -> str:
+    """A config given as a path, or by the name of a shipped config (with or without ``.yaml``)."""
+    if Path(value).expanduser().exists():
+        return value
+    configs = shipped_configs()
+    name = Path(value).name.removesuffix(".yaml") if "/" not in value else None
+    if name in configs:
+        return str(configs[name])
+    if value.endswith(CONFIG_SUFFIXES):
+        return value  # a missing file: read_config_file names it
+    raise ConfigurationError(
+        f"config: '{value}' is neither a config file nor a shipped config ({', '.join(configs)}); "
+        "`hf-spectralkd configs` lists them"
+    )
+
+
+def _looks_like_config(value: str) -> bool:
+    return not value.startswith("-") and (value.endswith(CONFIG_SUFFIXES) or value in shipped_configs())
+
+
 def split_config_argument(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
-    """``[CONFIG.yaml] [--config CONFIG.yaml] [options...]`` → ``(config path or None, options)``."""
+    """``[CONFIG] [--config CONFIG] [options...]`` → ``(config path or None, options)``.
+
+    ``CONFIG`` is a YAML/JSON file or the name of a shipped config (see :func:`shipped_configs`).
+    """
     argv = list(argv)
     config_path: Optional[str] = None
-    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        config_path = argv.pop(0)
+    if argv and _looks_like_config(argv[0]):
+        config_path = resolve_config(argv.pop(0))
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise ConfigurationError("config: --config needs a file path")
         if config_path is not None:
             raise ConfigurationError("config: give the config file either first or with --config, not both")
-        config_path = argv[index + 1]
+        config_path = resolve_config(argv[index + 1])
         del argv[index : index + 2]
     return config_path, argv
 

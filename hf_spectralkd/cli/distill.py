@@ -5,7 +5,7 @@ Launch with accelerate (one or many GPUs, DeepSpeed) or plain python::
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml \\
         recipes/run_distill.py recipes/configs/deit_tiny_from_cait_s24.yaml
     python recipes/run_distill.py recipes/configs/demo.yaml            # offline, 2 CPU cores
-    hf-spectralkd distill recipes/configs/demo.yaml --max_steps 5
+    hf-spectralkd distill demo --max_steps 5                          # a shipped config, by name
 
 A YAML file given first (or with ``--config``) supplies the options' defaults; options on the
 command line override it. Every option of ``SpectralDistillationConfig`` (``--alpha``, ``--beta``,
@@ -251,7 +251,7 @@ def streamed_max_steps(args: SpectralDistillationConfig, train_size: Optional[in
 def load_recipe(
     config: str, **overrides: Any
 ) -> tuple[ModelArguments, DataArguments, SpectralDistillationConfig]:
-    """A recipe config file (e.g. ``recipes/configs/deit_tiny_from_cait_s24.yaml``) as the recipe's three
+    """A recipe config (a file, or a shipped config's name such as ``deit_tiny_from_cait_s24``) as the recipe's three
     argument objects, exactly as ``run_distill.py CONFIG`` would use them, for the Python API.
 
     ``overrides`` set any option of the three (``output_dir="runs/x"``, ``per_device_train_batch_size=128``).
