@@ -84,6 +84,14 @@ class SpectralKDStudentPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def _run_trunk(self, pixel_values, output_hidden_states, interpolate_pos_encoding):
+        """The blocks at width C: ``(tokens B×(1+N)×C, hidden-state list or None)``; shared by both students."""
+        if pixel_values is None:
+            raise ValueError("pixel_values: missing; expected a B×3×H×W tensor")
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        hidden_states = [] if output_hidden_states else None
+        return self.vit(pixel_values, interpolate_pos_encoding, hidden_states), hidden_states
+
     @torch.no_grad()
     def _init_weights(self, module):
         """timm's ViT init, as the reference students use: trunc-normal(0.02) Linear weights, zero biases,
@@ -138,11 +146,7 @@ class LiftViTForImageClassification(SpectralKDStudentPreTrainedModel):
         return_dict: bool | None = None,
     ) -> LiftImageClassifierOutput | tuple:
         """``pixel_values`` ``B×3×H×W`` → logits ``B×K``; see the module docstring for the hidden states."""
-        if pixel_values is None:
-            raise ValueError("pixel_values: missing; expected a B×3×H×W tensor")
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        hidden_states = [] if output_hidden_states else None
-        tokens = self.vit(pixel_values, interpolate_pos_encoding, hidden_states)
+        tokens, hidden_states = self._run_trunk(pixel_values, output_hidden_states, interpolate_pos_encoding)
         # The CLS token took part in attention in every block but is not lifted: only the N patch
         # tokens form the feature map and the pooled representation.
         lifted = self.lift_norm(self.lift(tokens[:, 1:, :]))  # B×N×C_t
@@ -150,8 +154,8 @@ class LiftViTForImageClassification(SpectralKDStudentPreTrainedModel):
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         output = LiftImageClassifierOutput(
             loss=loss, logits=logits,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            lifted_tokens=lifted if output_hidden_states else None,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            lifted_tokens=lifted if hidden_states is not None else None,
         )
         return output.to_tuple() if return_dict is False else output
 
@@ -195,18 +199,14 @@ class WideLastViTForImageClassification(SpectralKDStudentPreTrainedModel):
         return_dict: bool | None = None,
     ) -> ImageClassifierOutput | tuple:
         """``pixel_values`` ``B×3×H×W`` → logits ``B×K``; see the module docstring for the hidden states."""
-        if pixel_values is None:
-            raise ValueError("pixel_values: missing; expected a B×3×H×W tensor")
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        hidden_states = [] if output_hidden_states else None
-        tokens = self.vit(pixel_values, interpolate_pos_encoding, hidden_states)
+        tokens, hidden_states = self._run_trunk(pixel_values, output_hidden_states, interpolate_pos_encoding)
         tokens = self.wide_layer(self.widen_norm(self.widen(tokens)))  # B×(1+N)×C_w, CLS widened too
         if hidden_states is not None:
             hidden_states.append(tokens)
         logits = self.classifier(self.layernorm(tokens)[:, 0])
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None
+            loss=loss, logits=logits, hidden_states=tuple(hidden_states) if hidden_states is not None else None
         )
         return output.to_tuple() if return_dict is False else output
 
