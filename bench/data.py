@@ -11,7 +11,8 @@ parquet shards through the streamed path (the first batch, which waits for the f
 window, is not counted). ``--backend torchvision``: the ``--data_backend torchvision`` path, workers
 preparing (bytes, header, drawn augmentation) and the main process decoding and augmenting on
 ``--device`` (``cuda`` on a GPU machine: batched nvJPEG); with 0 workers the two halves are also
-timed apart, which gives the workers' share per core.
+timed apart, which gives the workers' share per core. ``--stages`` times the training process's
+stages (decode, crop + resize, flip + RandAugment + normalise + erase) on 0 workers' batches.
 
 ``python bench/data.py --mixing``: a class-sorted parquet set (20 shards, one class per shard, as
 an archive packed per class would be) streamed by 2 processes × 2 DataLoader workers, batches of
@@ -24,7 +25,7 @@ batch of each resume (2 workers) and the raw records one worker reads before it 
 one shard's worth of records).
 
     python bench/data.py [--dataset DIR] [--workers 0 1 2] [--batch-size 64] [--batches 10] [--streaming]
-                         [--backend pil|torchvision] [--device cpu|cuda]
+                         [--backend pil|torchvision] [--device cpu|cuda] [--stages]
     python bench/data.py --mixing [--buffer 10000] [--row-group 4]
     python bench/data.py --resume [--resume-passes 1 50] [--resume-workers 2] [--resume-buffer 64]
 """
@@ -128,6 +129,12 @@ def jpeg_folder_to_parquet(folder: str, root: Path, shards: int = 10) -> str:
     return str(root)
 
 
+def endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,6 +143,26 @@ def _synchronize(device: torch.device) -> None:
 def _cores(backend: str, workers: int) -> int:
     """Cores a measurement keeps busy: the workers, plus the main process when it decodes and augments (torchvision)."""
     return max(1, workers) if backend == "pil" else workers + 1
+
+
+def stages(batch, device: torch.device) -> dict[str, float]:
+    """Seconds of each stage of building one encoded batch on ``device`` (synchronised after each)."""
+    images, pipeline = batch["encoded_images"], batch["encoded_images"].pipeline
+    started = time.perf_counter()
+    decoded = images.decode(device)
+    _synchronize(device)
+    decoded_at = time.perf_counter()
+    kept = [(image, params) for image, params in zip(decoded, images.params) if image is not None]
+    resized = torch.stack([pipeline.resize_crop(image, params) for image, params in kept])
+    _synchronize(device)
+    resized_at = time.perf_counter()
+    if pipeline.train:
+        pipeline.augment(resized, [params for _, params in kept])
+    else:
+        pipeline.normalize(resized)
+    _synchronize(device)
+    return {"decode": decoded_at - started, "crop_resize": resized_at - decoded_at,
+            "augment": time.perf_counter() - resized_at}
 
 
 def throughput(options) -> dict:
@@ -158,18 +185,14 @@ def throughput(options) -> dict:
                 collate_fn=data.collator, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
             )
-            iterator = iter(loader)
+            iterator = endless(loader)
             # start-up (worker spawn, first decode, CUDA/nvJPEG initialisation) is not throughput
             pixel_batch(next(iterator), device)
             _synchronize(device)
             times, loading, building = [], [], []
             for _ in range(options.batches):
                 started = time.perf_counter()
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    iterator = iter(loader)
-                    batch = next(iterator)
+                batch = next(iterator)
                 loaded = time.perf_counter()
                 # the training process's share: decoding and augmenting on the device (torchvision backend)
                 pixel_values = pixel_batch(batch, device)["pixel_values"].to(device)
@@ -182,8 +205,13 @@ def throughput(options) -> dict:
             results[workers] = options.batch_size / statistics.median(times)
             cores = _cores(options.backend, workers)
             line = f"workers {workers}: {results[workers]:.1f} images/s, {results[workers] / cores:.1f} per core ({cores})"
+            if workers == 0 and options.backend == "torchvision" and options.stages:
+                timed = [stages(next(iterator), device) for _ in range(options.batches)]
+                split["stage_ms_per_image"] = {name: round(1000 * statistics.median(t[name] for t in timed) / options.batch_size, 3)
+                                               for name in timed[0]}
+                print(f"stages, ms per image on {device.type}: {split['stage_ms_per_image']}")
             if workers == 0 and options.backend == "torchvision":
-                split = {"prepare_images_per_s": round(options.batch_size / statistics.median(loading), 1),
+                split |= {"prepare_images_per_s": round(options.batch_size / statistics.median(loading), 1),
                          "build_images_per_s": round(options.batch_size / statistics.median(building), 1)}
                 line += (f"; prepare (read, header, draws, collate) {split['prepare_images_per_s']:.1f} images/s, "
                          f"decode + augment on {device.type} {split['build_images_per_s']:.1f} images/s")
@@ -345,6 +373,8 @@ def main(argv=None) -> int:
                         help="Data backend (--data_backend) of the throughput measurement. Default: pil.")
     parser.add_argument("--device", default="cpu",
                         help="Where the torchvision backend decodes and augments (cpu, cuda). Default: cpu.")
+    parser.add_argument("--stages", action="store_true",
+                        help="With --backend torchvision: also time decoding, crop + resize and augmentation apart.")
     parser.add_argument("--streaming", action="store_true",
                         help="Measure the streamed path: the JPEGs as 10 parquet shards read by the resumable stream.")
     parser.add_argument("--mixing", action="store_true", help="Measure how a stream mixes a class-sorted set.")

@@ -355,6 +355,8 @@ def test_rand_augment_policies_are_parsed_as_timm_parses_them():
 def test_recipe_refuses_an_unknown_backend_and_an_unsupported_policy(imagefolder, saved_models, tmp_path, capsys):
     code, err = run_and_capture(run_distill.main, tiny_run_args(saved_models, imagefolder, tmp_path / "a", "--data_backend", "dali"), capsys)
     assert code == 2 and "invalid choice: 'dali'" in err
+    with pytest.raises(ConfigurationError, match="^data_backend: expected one of pil, torchvision, got 'dali'$"):
+        DataArguments(data_backend="dali")
     code, err = run_and_capture(run_distill.main, tiny_run_args(
         saved_models, imagefolder, tmp_path / "b", "--data_backend", "torchvision", "--auto_augment", "rand-m9-mstd0.5"), capsys)
     assert code == 2
@@ -396,7 +398,6 @@ def test_recipe_on_a_jpeg_folder_decodes_in_the_training_process_and_counts_bad_
     assert json.loads((out / "trainer_state.json").read_text())["total_flos"] > 0  # the decoded batch is counted
 
 
-@pytest.mark.slow
 def test_streamed_jpeg_parquet_resumes_exactly(tmp_path, saved_models):
     data = make_parquet_dataset(tmp_path / "data", image_format="JPEG")  # 24 training images: a pass is 6 steps
     options = ["--data_backend", "torchvision", "--auto_augment", "rand-m9-mstd0.5-inc1", "--reprob", "0.25",

@@ -10,8 +10,9 @@ from ..errors import ConfigurationError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEMO_DATASET = "demo:mnist5k"
-#: Number of training images of well-known streamed datasets, used to turn epochs into max_steps.
+#: Where images are decoded and augmented (``--data_backend``).
 DataBackend = Literal["pil", "torchvision"]
+#: Number of training images of well-known streamed datasets, used to turn epochs into max_steps.
 KNOWN_TRAIN_SIZES = {"ILSVRC/imagenet-1k": 1_281_167, "imagenet-1k": 1_281_167, "timm/imagenet-1k-wds": 1_281_167}
 
 
