@@ -8,7 +8,11 @@ training uses (``TransformedImageDataset`` with the DeiT augmentation at 224, th
 DataLoader with persistent workers and prefetching) on generated ImageNet-like JPEGs (500×375,
 quality 90), for 0, 1 and 2 workers, also per core in use. ``--streaming``: the same JPEGs as 10
 parquet shards through the streamed path (the first batch, which waits for the first shuffle
-window, is not counted).
+window, is not counted). ``--backend torchvision``: the ``--data_backend torchvision`` path, workers
+preparing (bytes, header, drawn augmentation) and the main process decoding and augmenting on
+``--device`` (``cuda`` on a GPU machine: batched nvJPEG); with 0 workers the two halves are also
+timed apart, which gives the workers' share per core. ``--stages`` times the training process's
+stages (decode, crop + resize, flip + RandAugment + normalise + erase) on 0 workers' batches.
 
 ``python bench/data.py --mixing``: a class-sorted parquet set (20 shards, one class per shard, as
 an archive packed per class would be) streamed by 2 processes × 2 DataLoader workers, batches of
@@ -21,6 +25,7 @@ batch of each resume (2 workers) and the raw records one worker reads before it 
 one shard's worth of records).
 
     python bench/data.py [--dataset DIR] [--workers 0 1 2] [--batch-size 64] [--batches 10] [--streaming]
+                         [--backend pil|torchvision] [--device cpu|cuda] [--stages]
     python bench/data.py --mixing [--buffer 10000] [--row-group 4]
     python bench/data.py --resume [--resume-passes 1 50] [--resume-workers 2] [--resume-buffer 64]
 """
@@ -47,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets is imported: it reads these once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from hf_spectralkd.data import DataArguments, load_image_datasets  # noqa: E402
+from hf_spectralkd.data import DataArguments, load_image_datasets, pixel_batch  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Data sets
@@ -124,41 +129,97 @@ def jpeg_folder_to_parquet(folder: str, root: Path, shards: int = 10) -> str:
     return str(root)
 
 
+def endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cores(backend: str, workers: int) -> int:
+    """Cores a measurement keeps busy: the workers, plus the main process when it decodes and augments (torchvision)."""
+    return max(1, workers) if backend == "pil" else workers + 1
+
+
+def stages(batch, device: torch.device) -> dict[str, float]:
+    """Seconds of each stage of building one encoded batch on ``device`` (synchronised after each)."""
+    images, pipeline = batch["encoded_images"], batch["encoded_images"].pipeline
+    started = time.perf_counter()
+    decoded = images.decode(device)
+    _synchronize(device)
+    decoded_at = time.perf_counter()
+    kept = [(image, params) for image, params in zip(decoded, images.params) if image is not None]
+    resized = torch.stack([pipeline.resize_crop(image, params) for image, params in kept])
+    _synchronize(device)
+    resized_at = time.perf_counter()
+    if pipeline.train:
+        pipeline.augment(resized, [params for _, params in kept])
+    else:
+        pipeline.normalize(resized)
+    _synchronize(device)
+    return {"decode": decoded_at - started, "crop_resize": resized_at - decoded_at,
+            "augment": time.perf_counter() - resized_at}
+
+
 def throughput(options) -> dict:
     # One intra-op thread, as in DataLoader workers: the figures are per core, and with 2 threads on a
     # shared 2-core machine the main process's transforms slowed 10x whenever another process ran
     # (18 instead of 250 images/s, measured).
     torch.set_num_threads(1)
+    device = torch.device(options.device)
     with tempfile.TemporaryDirectory() as scratch:
         dataset = options.dataset or make_jpeg_folder(Path(scratch), options.images)
         if options.streaming:
             dataset = jpeg_folder_to_parquet(dataset, Path(scratch) / "parquet")
         data = load_image_datasets(DataArguments(dataset=dataset, eval_split=None, validation_fraction=0.0,
-                                                 streaming=options.streaming), options.image_size)
-        results = {}
+                                                 streaming=options.streaming, data_backend=options.backend),
+                                   options.image_size)
+        results, split = {}, {}
         for workers in options.workers:
             loader = torch.utils.data.DataLoader(
                 data.train, batch_size=options.batch_size, shuffle=not options.streaming, num_workers=workers,
-                collate_fn=data.collator, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                collate_fn=data.collator, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
             )
-            iterator = iter(loader)
-            next(iterator)  # start-up (worker spawn, first decode) is not throughput
-            times = []
+            iterator = endless(loader)
+            # start-up (worker spawn, first decode, CUDA/nvJPEG initialisation) is not throughput
+            pixel_batch(next(iterator), device)
+            _synchronize(device)
+            times, loading, building = [], [], []
             for _ in range(options.batches):
                 started = time.perf_counter()
-                try:
-                    next(iterator)
-                except StopIteration:
-                    iterator = iter(loader)
-                    next(iterator)
-                times.append(time.perf_counter() - started)
+                batch = next(iterator)
+                loaded = time.perf_counter()
+                # the training process's share: decoding and augmenting on the device (torchvision backend)
+                pixel_values = pixel_batch(batch, device)["pixel_values"].to(device)
+                _synchronize(device)
+                done = time.perf_counter()
+                times.append(done - started)
+                loading.append(loaded - started)
+                building.append(done - loaded)
+                del pixel_values
             results[workers] = options.batch_size / statistics.median(times)
-            cores = max(1, workers)
-            print(f"workers {workers}: {results[workers]:.1f} images/s, {results[workers] / cores:.1f} per core")
-    return {"measure": "throughput", "streaming": options.streaming, "batch_size": options.batch_size, "image_size": options.image_size,
-            "cpu_threads": torch.get_num_threads(), "images_per_s": {str(k): round(v, 1) for k, v in results.items()},
-            "images_per_s_per_core": {str(k): round(v / max(1, k), 1) for k, v in results.items()}}
+            cores = _cores(options.backend, workers)
+            line = f"workers {workers}: {results[workers]:.1f} images/s, {results[workers] / cores:.1f} per core ({cores})"
+            if workers == 0 and options.backend == "torchvision" and options.stages:
+                timed = [stages(next(iterator), device) for _ in range(options.batches)]
+                split["stage_ms_per_image"] = {name: round(1000 * statistics.median(t[name] for t in timed) / options.batch_size, 3)
+                                               for name in timed[0]}
+                print(f"stages, ms per image on {device.type}: {split['stage_ms_per_image']}")
+            if workers == 0 and options.backend == "torchvision":
+                split |= {"prepare_images_per_s": round(options.batch_size / statistics.median(loading), 1),
+                         "build_images_per_s": round(options.batch_size / statistics.median(building), 1)}
+                line += (f"; prepare (read, header, draws, collate) {split['prepare_images_per_s']:.1f} images/s, "
+                         f"decode + augment on {device.type} {split['build_images_per_s']:.1f} images/s")
+            print(line)
+    return {"measure": "throughput", "backend": options.backend, "device": device.type, "streaming": options.streaming,
+            "batch_size": options.batch_size, "image_size": options.image_size, "cpu_threads": torch.get_num_threads(),
+            "images_per_s": {str(k): round(v, 1) for k, v in results.items()},
+            "images_per_s_per_core": {str(k): round(v / _cores(options.backend, k), 1) for k, v in results.items()}, **split}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,6 +369,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="Images per batch. Default: 64.")
     parser.add_argument("--batches", type=int, default=8, help="Measured batches per worker count. Default: 8.")
     parser.add_argument("--image-size", type=int, default=224, help="Training resolution. Default: 224.")
+    parser.add_argument("--backend", choices=["pil", "torchvision"], default="pil",
+                        help="Data backend (--data_backend) of the throughput measurement. Default: pil.")
+    parser.add_argument("--device", default="cpu",
+                        help="Where the torchvision backend decodes and augments (cpu, cuda). Default: cpu.")
+    parser.add_argument("--stages", action="store_true",
+                        help="With --backend torchvision: also time decoding, crop + resize and augmentation apart.")
     parser.add_argument("--streaming", action="store_true",
                         help="Measure the streamed path: the JPEGs as 10 parquet shards read by the resumable stream.")
     parser.add_argument("--mixing", action="store_true", help="Measure how a stream mixes a class-sorted set.")

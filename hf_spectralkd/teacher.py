@@ -135,7 +135,7 @@ def check_teacher(
 
     Returns ``(top1, images scored)``.
     """
-    from .data import ImageClassificationCollator
+    from .data import ImageClassificationCollator, pixel_batch
 
     collate = ImageClassificationCollator()  # no mixup: hard labels
     correct = scored = 0
@@ -144,9 +144,9 @@ def check_teacher(
     else:
         rows = [samples[i] for i in range(min(count, len(samples)))]
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size])
+        batch = pixel_batch(collate(rows[start : start + batch_size]), device)  # encoded images: decoded on the device
         logits, _ = run_teacher(teacher, batch["pixel_values"].to(device), (), inputs, label_order)
-        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+        correct += int((logits.argmax(-1).cpu() == batch["labels"].cpu()).sum())
         scored += len(batch["labels"])
     return (correct / scored if scored else float("nan")), scored
 

@@ -15,7 +15,8 @@ resized for the teacher when it expects other inputs, its logits put in the stud
 few evaluation images and a teacher near chance stops the run. Its three raw components are logged as
 ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over the logging window and over
 processes. Checkpointing, the model card and the optimizer details live in their own mixins
-(:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`).
+(:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`); batches of encoded images
+(``--data_backend torchvision``) are decoded on the device by :class:`~.data.DecodeOnDeviceMixin`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .checkpointing import AtomicCheckpointMixin, acquire_run_lock, newest_verif
 from .config import SpectralDistillationConfig
 from .data import (
     DatasetEpochCallback,
+    DecodeOnDeviceMixin,
     ImageClassificationCollator,
     RepeatedAugmentationSampler,
     first_images,
@@ -69,7 +71,7 @@ from .teacher import TeacherCheckError, check_teacher, run_teacher, teacher_chec
 logger = logging.getLogger(__name__)
 
 
-class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOptimizationMixin, Trainer):
+class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOptimizationMixin, DecodeOnDeviceMixin, Trainer):
     """Distil ``model`` (the student) from ``teacher_model`` with the SpectralKD objective.
 
     Args:

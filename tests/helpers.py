@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -91,7 +92,9 @@ def make_imagefolder(root: Path, classes=("a", "b", "c"), per_class: int = 8, ev
     return str(root)
 
 
-def make_parquet_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 8, eval_per_class: int = 3, shards: int = 2) -> str:
+def make_parquet_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 8, eval_per_class: int = 3, shards: int = 2,
+                         image_format: str = "PNG") -> str:
+    """Parquet train (``shards`` files) and validation splits; columns ``img`` (stored as ``image_format``) and ``target``."""
     import datasets
 
     rng = np.random.default_rng(1)
@@ -100,7 +103,7 @@ def make_parquet_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 8
         rows = {"img": [], "target": []}
         for label in range(len(classes)):
             for _ in range(count):
-                rows["img"].append(class_image(label, rng))
+                rows["img"].append({"bytes": encoded(class_image(label, rng), image_format), "path": None})
                 rows["target"].append(label)
         ds = datasets.Dataset.from_dict(rows, features=features).shuffle(seed=0)
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,57 @@ class SyntheticImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
+
+
+# ------------------------------------------------------------------------------------------------
+# Image files: EXIF orientation, broken and unusual files
+# ------------------------------------------------------------------------------------------------
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def exif_jpeg(array: np.ndarray, orientation: int, quality: int = 95) -> bytes:
+    """``array`` (H×W×3 uint8) as a JPEG whose EXIF orientation tag is ``orientation`` (1-8)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(Image.fromarray(array), "JPEG", exif=exif, quality=quality)
+
+
+def make_bad_image_folder(root: Path, text_files: int = 1, good_format: str = "png") -> dict[str, int]:
+    """An imagefolder whose train and validation splits hold broken and unusual files next to good ones.
+
+    The good images are written as ``good_format`` ("png" or "jpg"). Returns how many files each
+    split holds and how many of them cannot be decoded.
+    """
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    unusual = {  # decodable: they must train
+        "cmyk.jpg": encoded(photo.convert("CMYK"), "JPEG"),
+        "deep.png": encoded(Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)), "PNG"),
+        "palette.gif": encoded(photo.convert("P"), "GIF"),
+        "tiny.jpg": encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "JPEG"),
+    }
+    broken = {"truncated.jpg": encoded(photo.resize((320, 240)), "JPEG")[:1500]}
+    broken.update({f"text_{i}.jpg": b"this is a text file, not a JPEG\n" for i in range(text_files)})
+    counts = {}
+    for split, good_per_class in (("train", 3), ("validation", 2)):
+        total = bad = 0
+        for label, name in enumerate(("a", "b", "c")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(good_per_class):
+                class_image(label, rng).save(folder / f"good_{i}.{good_format}")
+            total += good_per_class
+        for index, (name, data) in enumerate({**unusual, **broken}.items()):
+            if split == "validation" and name in unusual:
+                continue
+            (root / split / "abc"[index % 3] / name).write_bytes(data)
+            total += 1
+            bad += name in broken
+        counts[split], counts[f"{split}_bad"] = total, bad
+    return counts
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import run_distill
 import torch
-from helpers import class_image, run_and_capture, tiny_run_args
+from helpers import class_image, encoded, exif_jpeg, make_bad_image_folder, run_and_capture, tiny_run_args
 from PIL import Image
 
 from hf_spectralkd.data import DataArguments, TransformedImageDataset, build_eval_transform, decode_image, share_above
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def test_exif_rotated_jpeg_decodes_upright_as_pipeline_does(tmp_path):
@@ -29,10 +21,8 @@ def test_exif_rotated_jpeg_decodes_upright_as_pipeline_does(tmp_path):
 
     array = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high, bright left half
     array[:, :20] = 230
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     path = tmp_path / "rotated.jpg"
-    Image.fromarray(array).save(path, exif=exif, quality=95)
+    path.write_bytes(exif_jpeg(array, 6))  # orientation: rotate 90° clockwise to display
 
     expected = np.asarray(load_image(str(path)))  # what pipeline() sees
     assert expected.shape == (40, 20, 3)
@@ -45,40 +35,6 @@ def test_exif_rotated_jpeg_decodes_upright_as_pipeline_does(tmp_path):
     transform = build_eval_transform(DataArguments(), 32)
     dataset = TransformedImageDataset(raw, transform, "image", "label")
     assert torch.equal(dataset[0]["pixel_values"], transform(load_image(str(path))))
-
-
-def make_bad_image_folder(root: Path, text_files: int = 1) -> dict[str, int]:
-    """An imagefolder whose train and validation splits hold broken and unusual files next to good ones.
-
-    Returns how many files each split holds and how many of them cannot be decoded.
-    """
-    rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    unusual = {  # decodable: they must train
-        "cmyk.jpg": encoded(photo.convert("CMYK"), "JPEG"),
-        "deep.png": encoded(Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)), "PNG"),
-        "palette.gif": encoded(photo.convert("P"), "GIF"),
-        "tiny.jpg": encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "JPEG"),
-    }
-    broken = {"truncated.jpg": encoded(photo.resize((320, 240)), "JPEG")[:1500]}
-    broken.update({f"text_{i}.jpg": b"this is a text file, not a JPEG\n" for i in range(text_files)})
-    counts = {}
-    for split, good_per_class in (("train", 3), ("validation", 2)):
-        total = bad = 0
-        for label, name in enumerate(("a", "b", "c")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(good_per_class):
-                class_image(label, rng).save(folder / f"good_{i}.png")
-            total += good_per_class
-        for index, (name, data) in enumerate({**unusual, **broken}.items()):
-            if split == "validation" and name in unusual:
-                continue
-            (root / split / "abc"[index % 3] / name).write_bytes(data)
-            total += 1
-            bad += name in broken
-        counts[split], counts[f"{split}_bad"] = total, bad
-    return counts
 
 
 def test_unusual_images_decode_and_broken_ones_do_not(tmp_path):

@@ -23,7 +23,12 @@ Properties the trainer relies on:
   groups of all shards, each reader draws from all of them, and a resume reads one window, whatever
   the pass. Repeated augmentation (``repeated_augmentation``) works for both kinds of data.
 
-Modules: ``arguments`` (options), ``transforms`` (decoding, timm transforms, seeding), ``sources``
+``data_backend="torchvision"`` moves decoding and augmentation out of the workers into the training
+process, on its device (:mod:`.tensor_pipeline`): workers hand over encoded JPEGs and each sample's
+drawn augmentation, and :func:`pixel_batch` (called by the trainer) builds ``pixel_values``.
+
+Modules: ``arguments`` (options), ``transforms`` (decoding, timm transforms, seeding), ``tensor_pipeline``
+(the torchvision backend), ``sources``
 (opening datasets, map-style wrapper, collator), ``shards`` (reading raw records by shard and row),
 ``streaming``, ``sampling`` (repeated augmentation), ``demo`` (the offline digits).
 """
@@ -51,6 +56,7 @@ from .sources import (
     steps_for_epochs,
 )
 from .streaming import ResumableImageStream
+from .tensor_pipeline import ENCODED_IMAGES, DecodeOnDeviceMixin, TensorImagePipeline, pixel_batch
 from .transforms import (
     build_eval_transform,
     build_image_processor,
@@ -63,11 +69,13 @@ from .transforms import (
 
 __all__ = [
     "DEMO_DATASET",
+    "ENCODED_IMAGES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "KNOWN_TRAIN_SIZES",
     "DataArguments",
     "DatasetEpochCallback",
+    "DecodeOnDeviceMixin",
     "ImageClassificationCollator",
     "ImageDatasets",
     "IterableDatasetShards",
@@ -76,6 +84,7 @@ __all__ = [
     "RepeatedAugmentationSampler",
     "ResumableImageStream",
     "ShardLayout",
+    "TensorImagePipeline",
     "TransformedImageDataset",
     "build_eval_transform",
     "build_image_processor",
@@ -85,6 +94,7 @@ __all__ = [
     "first_images",
     "load_image_datasets",
     "open_image_datasets",
+    "pixel_batch",
     "prepare_image_datasets",
     "sample_seed",
     "seeded_rngs",

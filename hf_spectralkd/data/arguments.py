@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 from ..errors import ConfigurationError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEMO_DATASET = "demo:mnist5k"
+#: Where images are decoded and augmented (``--data_backend``).
+DataBackend = Literal["pil", "torchvision"]
 #: Number of training images of well-known streamed datasets, used to turn epochs into max_steps.
 KNOWN_TRAIN_SIZES = {"ILSVRC/imagenet-1k": 1_281_167, "imagenet-1k": 1_281_167, "timm/imagenet-1k-wds": 1_281_167}
 
@@ -91,8 +93,21 @@ class DataArguments:
     image_std: Optional[list[float]] = field(
         default=None, metadata={"help": "Normalisation std of the student's batches (default: as --image_mean)."}
     )
+    data_backend: DataBackend = field(
+        default="pil",
+        metadata={
+            "help": "Where images are decoded and augmented. 'pil': in the DataLoader workers, with Pillow and timm's "
+            "transforms (about 250 images/s per core). 'torchvision': workers only read the bytes; the training "
+            "process decodes JPEGs with torchvision.io.decode_jpeg on its device (nvJPEG on a GPU) and augments "
+            "the batch with tensor ops (bench/README.md lists how it differs from timm's)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.data_backend not in get_args(DataBackend):
+            raise ConfigurationError(
+                f"data_backend: expected one of {', '.join(get_args(DataBackend))}, got {self.data_backend!r}"
+            )
         for name in ("repeated_augmentation", "shuffle_buffer_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -16,6 +16,7 @@ from ..errors import ConfigurationError, TooManyBadImagesError
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
 from .shards import IterableDatasetShards, ParquetShards
 from .streaming import ResumableImageStream
+from .tensor_pipeline import TensorImagePipeline, collate_prepared, pixel_batch
 from .transforms import (
     build_eval_transform,
     build_image_processor,
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 class TransformedImageDataset(torch.utils.data.Dataset):
     """Map-style view of a ``datasets.Dataset`` yielding ``{"pixel_values", "labels", "seed"}``.
+
+    With a :class:`~.tensor_pipeline.TensorImagePipeline` as ``transform`` (``--data_backend
+    torchvision``) a sample holds the prepared, still encoded image under ``"prepared"`` instead.
 
     ``set_epoch`` (called each epoch by the trainer, resumed epochs included) changes the
     augmentation of every sample; the epoch lives in shared memory so persistent workers see it too.
@@ -76,12 +80,18 @@ class ImageClassificationCollator:
     not (the trainer's denominators). With a timm ``Mixup``, the batch is mixed under an RNG seeded
     from its samples' seeds and ``labels`` become ``B×K`` soft targets; an odd batch loses its last
     image first (timm pairs images by flipping the batch), which is not counted as skipped.
+
+    Prepared samples (``--data_backend torchvision``) become ``{"encoded_images", "labels",
+    "num_skipped", "num_images"}`` instead: the encoded images are decoded, augmented (and mixed) in
+    the training process by :func:`~.tensor_pipeline.pixel_batch`.
     """
 
     def __init__(self, mixup: Optional[Callable] = None):
         self.mixup = mixup
 
     def __call__(self, samples: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
+        if any(s is not None and "prepared" in s for s in samples):
+            return collate_prepared(samples, self.mixup)
         valid = [s for s in samples if s is not None and s.get("pixel_values") is not None]
         skipped = len(samples) - len(valid)
         if not valid:
@@ -151,12 +161,13 @@ def first_images(dataset, count: int) -> Optional[torch.Tensor]:
     """The first ``count`` images of a dataset of samples, stacked as ``N×3×H×W`` (no mixup), or ``None``.
 
     The fixed batch of analyses (spectral profiles, ``layer_map="auto"``): on an evaluation set its
-    transform is deterministic, so the same images every time.
+    transform is deterministic, so the same images every time. Encoded images (``--data_backend
+    torchvision``) are decoded on the CPU.
     """
     if dataset is None or count <= 0:
         return None
     loader = torch.utils.data.DataLoader(dataset, batch_size=count, collate_fn=ImageClassificationCollator())
-    return next(iter(loader))["pixel_values"]
+    return pixel_batch(next(iter(loader)), "cpu")["pixel_values"]
 
 
 @dataclass
@@ -363,8 +374,12 @@ def prepare_image_datasets(
     starts; ``cache_dir`` (the run's output folder) keeps it as ``stream_layout.json``.
     """
     args = raw.args
-    train_transform = build_train_transform(args, image_size)
-    eval_transform = build_eval_transform(args, image_size)
+    if args.data_backend == "torchvision":
+        train_transform = TensorImagePipeline(args, image_size, train=True)
+        eval_transform = TensorImagePipeline(args, image_size, train=False)
+    else:
+        train_transform = build_train_transform(args, image_size)
+        eval_transform = build_eval_transform(args, image_size)
     if args.streaming:
         if raw.train_files:
             source = ParquetShards(raw.train_files, args.image_column, args.label_column)

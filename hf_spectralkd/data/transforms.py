@@ -189,7 +189,14 @@ def decode_image(value: Any, token: Optional[str] = None) -> Optional[Image.Imag
 
 
 def transform_row(image_value: Any, label: Any, transform: Callable, seed: int) -> dict[str, Any]:
-    """Decode and augment one record under RNGs seeded with ``seed``; ``pixel_values`` is ``None`` if undecodable."""
+    """Decode and augment one record under RNGs seeded with ``seed``; ``pixel_values`` is ``None`` if undecodable.
+
+    A :class:`~.tensor_pipeline.TensorImagePipeline` (``--data_backend torchvision``) only prepares
+    the record here: the training process decodes and augments it.
+    """
+    prepare = getattr(transform, "prepare_sample", None)
+    if prepare is not None:
+        return prepare(image_value, label, seed)
     image = decode_image(image_value)
     if image is None:
         return {"pixel_values": None, "labels": label, "seed": seed}
