@@ -175,3 +175,19 @@ class TeacherClassifier(nn.Module):
 def teacher_check_threshold(num_classes: int) -> float:
     """Twice chance; capped at 75 % so that a two-class teacher is not asked to be perfect."""
     return min(2.0 / max(num_classes, 1), 0.75)
+
+
+def stop_if_near_chance(top1: float, scored: int, num_classes: int, inputs: Optional[nn.Module] = None) -> None:
+    """Log the teacher check's result and raise :class:`TeacherCheckError` below :func:`teacher_check_threshold`."""
+    threshold = teacher_check_threshold(num_classes)
+    logger.info("teacher check: %.1f %% top-1 on the first %d evaluation images (chance %.1f %%)",
+                100 * top1, scored, 100 / num_classes)
+    if top1 < threshold:
+        adaptation = inputs.describe() if inputs is not None else "none"
+        raise TeacherCheckError(
+            f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on the first {scored} evaluation "
+            f"images, below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
+            f"Check its normalisation (input adaptation: {adaptation}; set --teacher_image_mean/--teacher_image_std), "
+            "its label order (its id2label against the dataset's class names) and that the checkpoint is the one "
+            "you meant; --teacher_check_images 0 skips this check"
+        )

@@ -35,14 +35,13 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .checkpointing import AtomicCheckpointMixin, acquire_run_lock, newest_verified_checkpoint
 from .config import SpectralDistillationConfig
 from .data import (
+    DataOrderMixin,
     DatasetEpochCallback,
     DecodeOnDeviceMixin,
     ImageClassificationCollator,
-    RepeatedAugmentationSampler,
     first_images,
-    share_above,
 )
-from .errors import ConfigurationError, TooManyBadImagesError
+from .errors import ConfigurationError
 from .features import (
     describe_taps,
     extract_features,
@@ -50,6 +49,7 @@ from .features import (
     model_family,
 )
 from .hub import ModelCardMixin
+from .image_counts import ImageCountsMixin
 from .layer_map import LayerPair, resolve_layer_map
 from .losses import distillation_objective
 from .metrics import topk_accuracy, topk_indices
@@ -66,12 +66,15 @@ from .preprocessing import (
     teacher_input_adapter,
 )
 from .summary import RunSummary
-from .teacher import TeacherCheckError, check_teacher, run_teacher, teacher_check_threshold, teacher_label_order
+from .teacher import check_teacher, run_teacher, stop_if_near_chance, teacher_label_order
 
 logger = logging.getLogger(__name__)
 
 
-class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOptimizationMixin, DecodeOnDeviceMixin, Trainer):
+class SpectralDistillationTrainer(
+    ModelCardMixin, ImageCountsMixin, AtomicCheckpointMixin, DataOrderMixin, DeiTOptimizationMixin, DecodeOnDeviceMixin,
+    Trainer,
+):
     """Distil ``model`` (the student) from ``teacher_model`` with the SpectralKD objective.
 
     Args:
@@ -168,11 +171,6 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         # Running sums of (ce, kd, feature) per mode, reset at each log; see `log`.
         self._loss_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
         self._loss_counts = {"train": 0, "eval": 0}
-        # Images per mode as [attempted, undecodable]: this process's since they were last summed, and
-        # the training totals of the whole run (all processes, checkpointed, so a resume continues them).
-        self._image_counts = {"train": [0, 0], "eval": [0, 0]}
-        self._train_image_totals = [0, 0]
-        self._warned_skipped: set[str] = set()
         self._feature_key = f"loss_{args.feature_loss}"
         self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
 
@@ -250,20 +248,8 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
             self.teacher_inputs, self.teacher_label_order,
         )
-        num_classes = getattr(self.model.config, "num_labels", None) or 1
-        threshold = teacher_check_threshold(num_classes)
-        logger.info("teacher check: %.1f %% top-1 on the first %d evaluation images (chance %.1f %%)",
-                    100 * top1, scored, 100 / num_classes)
         self.summary.teacher_check_accuracy = top1
-        if top1 < threshold:
-            inputs = self.teacher_inputs.describe() if self.teacher_inputs is not None else "none"
-            raise TeacherCheckError(
-                f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on the first {scored} evaluation "
-                f"images, below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
-                f"Check its normalisation (input adaptation: {inputs}; set --teacher_image_mean/--teacher_image_std), "
-                "its label order (its id2label against the dataset's class names) and that the checkpoint is the one "
-                "you meant; --teacher_check_images 0 skips this check"
-            )
+        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs)
         return top1
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
@@ -275,7 +261,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir)
         checkpoint = resume_from_checkpoint
-        self._train_image_totals = _read_image_counts(checkpoint)
+        self._restore_image_counts(checkpoint)
         dataset = self.train_dataset
         if hasattr(dataset, "fast_forward"):
             with self.args.main_process_first(desc="stream layout"):
@@ -296,25 +282,6 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             if lock is not None:
                 lock.release()
 
-    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
-        epochs_trained, batches_to_skip = super()._init_training_state(*args, **kwargs)
-        if getattr(self.train_dataset, "resumes_itself", False):
-            # The stream already starts at the resume point (fast_forward): replaying the trained
-            # batches through the DataLoader would cost time that grows with the run.
-            batches_to_skip = 0
-        return epochs_trained, batches_to_skip
-
-    def _get_train_sampler(self, train_dataset=None):
-        """DeiT's repeated-augmentation sampler when the dataset asks for repeats, else the Trainer's."""
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        repeats = int(getattr(dataset, "repeated_augmentation", 1) or 1)
-        if repeats > 1 and not isinstance(dataset, torch.utils.data.IterableDataset):
-            return RepeatedAugmentationSampler(
-                len(dataset), repeats, self.args.world_size, self._train_batch_size, self.args.gradient_accumulation_steps,
-                seed=self.args.seed, epoch=lambda: getattr(dataset, "epoch", 0),
-            )
-        return super()._get_train_sampler(train_dataset)
-
     # ------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------
@@ -328,10 +295,7 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
         args = self.args
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         mode = "train" if model.training else "eval"
-        skipped = int(inputs.get("num_skipped", 0))
-        counts = self._image_counts[mode]
-        counts[0] += int(inputs.get("num_images", len(pixel_values) + skipped))
-        counts[1] += skipped
+        self._count_images(mode, inputs)
         use_teacher = self.teacher is not None and (mode == "train" or args.eval_with_teacher)
         use_features = use_teacher and bool(self.layer_map)
 
@@ -394,69 +358,10 @@ class SpectralDistillationTrainer(ModelCardMixin, AtomicCheckpointMixin, DeiTOpt
             for name, value in zip(("loss_ce", "loss_kd", self._feature_key), means.tolist()):
                 logs[prefix + name] = round(value, 6)
             self._loss_sums[mode], self._loss_counts[mode] = None, 0
-        # an evaluation's metrics carry "<prefix>_runtime" ("eval_runtime", or "teacher_runtime" ...)
-        evaluation = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime") and not k.startswith("train")), None)
         if mode == "train":
             self._check_finite()
-            attempted, skipped = self.training_image_counts()
-            logs["skipped_images"], logs["train_images"] = skipped, attempted
-            self._check_skipped("training", attempted, skipped)
-        elif evaluation is not None:
-            attempted, skipped = self._sum_image_counts("eval")
-            logs[f"{evaluation}_images"], logs[f"{evaluation}_skipped_images"] = attempted - skipped, skipped
-            self._check_skipped("evaluation", attempted, skipped)
+        self._log_image_counts(logs, mode)
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------------------------------
-    # Undecodable images
-    # ------------------------------------------------------------------------------------------
-    def _sum_image_counts(self, mode: str) -> tuple[int, int]:
-        """``(attempted, undecodable)`` of ``mode`` over all processes since the last call (collective)."""
-        local = torch.tensor(self._image_counts[mode], dtype=torch.float64, device=self.args.device)
-        self._image_counts[mode] = [0, 0]
-        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        return int(total[0].item()), int(total[1].item())
-
-    def training_image_counts(self) -> tuple[int, int]:
-        """``(attempted, undecodable)`` training images of the whole run, over all processes (collective)."""
-        attempted, skipped = self._sum_image_counts("train")
-        self._train_image_totals[0] += attempted
-        self._train_image_totals[1] += skipped
-        return self._train_image_totals[0], self._train_image_totals[1]
-
-    def _check_skipped(self, what: str, attempted: int, skipped: int) -> None:
-        """Warn above 1 % undecodable images, stop above ``max_skipped_fraction`` (the same decision on every rank).
-
-        An evaluation covers its whole split; training so far is a sample of it (``share_above``).
-        """
-        whole_split, limit = what == "evaluation", self.args.max_skipped_fraction
-        message = f"{skipped:,} of {attempted:,} {what} images ({skipped / max(attempted, 1):.1%}) could not be decoded"
-        if share_above(skipped, attempted, limit, whole_split):
-            raise TooManyBadImagesError(
-                f"max_skipped_fraction: {message}, above the limit of {limit:.1%}; fix or remove the bad files "
-                "(text, truncated or missing images), or raise --max_skipped_fraction"
-            )
-        if share_above(skipped, attempted, 0.01, whole_split) and what not in self._warned_skipped:
-            self._warned_skipped.add(what)
-            logger.warning("%s and were skipped (the run stops above --max_skipped_fraction, %.1f %%)", message, 100 * limit)
-
-    def _checkpoint_extras(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the training image totals, so a resumed run continues them."""
-        attempted, skipped = self.training_image_counts()
-        return {IMAGE_COUNTS_FILE: {"train_images": attempted, "skipped_images": skipped}}
-
-
-IMAGE_COUNTS_FILE = "image_counts.json"
-
-
-def _read_image_counts(checkpoint: Optional[str]) -> list[int]:
-    """``[attempted, undecodable]`` training images recorded in a checkpoint (zeros without one)."""
-    path = os.path.join(str(checkpoint), IMAGE_COUNTS_FILE) if checkpoint else None
-    if not path or not os.path.isfile(path):
-        return [0, 0]
-    with open(path, encoding="utf-8") as handle:
-        counts = json.load(handle)
-    return [int(counts.get("train_images", 0)), int(counts.get("skipped_images", 0))]
 
 
 def _sample_images(args: SpectralDistillationConfig, trainer_kwargs: dict) -> Optional[torch.Tensor]:

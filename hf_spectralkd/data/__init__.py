@@ -40,7 +40,7 @@ from .arguments import (
     KNOWN_TRAIN_SIZES,
     DataArguments,
 )
-from .sampling import RepeatedAugmentationSampler
+from .sampling import DataOrderMixin, RepeatedAugmentationSampler
 from .shards import IterableDatasetShards, ParquetShards, ShardLayout
 from .sources import (
     DatasetEpochCallback,
@@ -74,6 +74,7 @@ __all__ = [
     "IMAGENET_STD",
     "KNOWN_TRAIN_SIZES",
     "DataArguments",
+    "DataOrderMixin",
     "DatasetEpochCallback",
     "DecodeOnDeviceMixin",
     "ImageClassificationCollator",
