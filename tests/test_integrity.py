@@ -159,7 +159,7 @@ def test_verify_command_reports_each_checkpoint_and_exits_by_the_newest(finished
     assert capsys.readouterr().out.splitlines()[-1] == "final student  DAMAGED: config.json is empty"
 
     code, err = run_and_capture(cli_main, ["verify", str(tmp_path / "nowhere")], capsys)
-    assert code == 2 and err == f"error: output_dir: '{tmp_path / 'nowhere'}' is not a folder\n"
+    assert code == 2 and err == f"error: output_dir: '{tmp_path / 'nowhere'}' does not exist\n"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -98,3 +98,12 @@ def test_the_wheel_installs_and_runs_the_demo_offline_without_the_repository(tmp
                                  "hf_spectralkd.cli", "--version"], cwd=work, env=env, capture_output=True, text=True,
                                 timeout=300)
     assert accelerate.returncode == 0 and f"hf-spectralkd {__version__}" in accelerate.stdout, accelerate.stderr[-2000:]
+
+
+def test_an_unknown_config_name_is_named_as_such(capsys):
+    from hf_spectralkd.cli.distill import main as distill
+
+    assert distill(["deit_tiny_from_cait", "--output_dir", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config: 'deit_tiny_from_cait' is neither a config file nor a shipped config (")
+    assert "deit_tiny_from_cait_s24" in err and "Traceback" not in err

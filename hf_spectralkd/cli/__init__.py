@@ -113,7 +113,8 @@ def _verify(options) -> int:
 
     folder = Path(options.output_dir)
     if not folder.is_dir():
-        raise ConfigurationError(f"output_dir: '{folder}' is not a folder")
+        what = "is a file, not a run folder" if folder.exists() else "does not exist"
+        raise ConfigurationError(f"output_dir: '{folder}' {what}")
     checkpoints = checkpoint_folders(folder)
     has_student = (folder / CONFIG_FILE).exists()
     if not checkpoints and not has_student:

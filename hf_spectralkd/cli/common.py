@@ -162,7 +162,9 @@ def resolve_config(value: str) -> str:
 
 
 def _looks_like_config(value: str) -> bool:
-    return not value.startswith("-") and (value.endswith(CONFIG_SUFFIXES) or value in shipped_configs())
+    # The recipe takes no positional argument but its config: anything else there is a config that
+    # does not exist, which resolve_config names as such (rather than as an unknown option).
+    return not value.startswith("-")
 
 
 def split_config_argument(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
