@@ -55,17 +55,26 @@ def test_evaluate_only_scores_a_saved_student_as_pipeline_does(saved_models, tmp
 
     data = make_imagefolder(tmp_path / "data", per_class=8, eval_per_class=70)  # 210 evaluation images
     trained = tmp_path / "trained"
-    assert run_distill.main(tiny_run_args(saved_models, data, trained, "--max_steps", "8", "--eval_strategy", "no",
-                                          "--profile_images", "0", "--evaluate_teacher", "false")) == 0
+    # Trained enough to tell the classes apart, so that a preprocessing mismatch would change predictions.
+    assert run_distill.main(tiny_run_args(saved_models, data, trained, "--max_steps", "60", "--learning_rate", "3e-3",
+                                          "--distillation_type", "none", "--beta", "0", "--eval_strategy", "no",
+                                          "--profile_images", "0")) == 0
     out = tmp_path / "evaluated"
     assert run_distill.main(["--do_train", "false", "--do_eval", "true", "--student", str(trained), "--dataset", data,
                              "--teacher", saved_models["teacher"], "--output_dir", str(out), "--use_cpu", "true",
                              "--report_to", "none", "--per_device_eval_batch_size", "64", "--disable_tqdm", "true"]) == 0
     metrics = json.loads((out / "eval_results.json").read_text())
+    assert metrics["eval_top1"] > 0.5  # well above chance (1/3): not a constant prediction
     assert json.loads((out / "all_results.json").read_text())["eval_top1"] == metrics["eval_top1"]
     results = json.loads((out / "results.json").read_text())
     assert results["student_accuracy"] == metrics["eval_top1"] and results["teacher_accuracy"] is not None
     assert results["global_steps"] == 0 and not (out / "model.safetensors").exists()  # nothing was trained or saved
+
+    alone = tmp_path / "alone"  # a pushed student on its own: no teacher given, none needed
+    assert run_distill.main(["--do_train", "false", "--do_eval", "true", "--student", str(trained), "--dataset", data,
+                             "--output_dir", str(alone), "--use_cpu", "true", "--report_to", "none"]) == 0
+    assert json.loads((alone / "eval_results.json").read_text())["eval_top1"] == metrics["eval_top1"]
+    assert json.loads((alone / "results.json").read_text())["teacher"] is None
 
     files = sorted((Path(data) / "validation").rglob("*.png"))
     predictions = pipeline("image-classification", model=str(trained))([Image.open(f) for f in files], top_k=1)

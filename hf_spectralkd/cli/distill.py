@@ -429,7 +429,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     student_spec = spec_from_processor(processor, source="the student's batches")
 
     teacher: Optional[LoadedModel] = None
-    if args.needs_teacher or (evaluate_only and model_args.teacher and model_args.evaluate_teacher):
+    # An evaluate-only run scores a teacher only when one is given (a student is evaluated alone).
+    if (args.needs_teacher and not evaluate_only) or (evaluate_only and model_args.teacher and model_args.evaluate_teacher):
         if model_args.train_teacher_if_missing and not os.path.exists(model_args.teacher):
             from ..demo import train_demo_teacher
 
