@@ -143,7 +143,7 @@ def _friendly_load_error(argument: str, value: str, error: Exception) -> ModelLo
     if isinstance(error, StrictDataclassError) and len(lines) > 1:
         # A config field that fails validation: the first line only names the validator; the last holds the cause.
         lines = [lines[-1].split(": ", 1)[-1] if lines[-1].startswith(("ValueError", "TypeError")) else lines[-1]]
-    reason = lines[0] if lines else type(error).__name__
+    reason = (lines[0] if lines else type(error).__name__).rstrip(".")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     hint = (
         "It is not a local folder; as a Hub id it is not in the local cache and HF_HUB_OFFLINE is set."

@@ -59,6 +59,7 @@ from ..trainer import SpectralDistillationTrainer
 from .common import (
     check_config_values,
     check_output_dir,
+    close_process_group,
     exit_on_error,
     read_config_file,
     split_config_argument,
@@ -378,10 +379,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
     lock = acquire_run_lock(args.distributed_state, args.output_dir)
     try:
-        return _run(model_args, data_args, args, resume, started)
+        code = _run(model_args, data_args, args, resume, started)
     finally:
         if lock is not None:
             lock.release()
+    close_process_group()
+    return code
 
 
 def with_student_preprocessing(data_args: DataArguments, spec: InputSpec) -> DataArguments:

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import ConfigurationError, TooManyBadImagesError
+from ..integrity import first_line
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
 from .shards import IterableDatasetShards, ParquetShards
 from .streaming import ResumableImageStream
@@ -288,7 +289,7 @@ def open_split(args: DataArguments, split: str, token: Optional[str] = None):
         splits = _available_splits(args)
         if splits is not None and split not in splits:
             raise ConfigurationError(f"split: '{split}' is not a split of '{args.dataset}'; splits: {splits}") from error
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error).rstrip(".")
         raise ConfigurationError(f"dataset: cannot load '{args.dataset}': {reason}") from error
     _check_columns(raw, args)
     return raw.cast_column(args.image_column, datasets.Image(decode=False))
@@ -335,7 +336,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
         splits = _available_splits(args)
         if splits is not None and args.train_split not in splits:
             raise ConfigurationError(f"train_split: '{args.train_split}' is not a split of '{args.dataset}'; splits: {splits}") from error
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error).rstrip(".")
         raise ConfigurationError(
             f"dataset: cannot load '{args.dataset}': {reason}. Expected a Hub dataset id (set HF_TOKEN for gated "
             f"ones such as ILSVRC/imagenet-1k), a local imagefolder or parquet folder, or '{DEMO_DATASET}'"

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import SyntheticImageDataset, tiny_cait, tiny_lift, tiny_vit, tiny_widelast  # noqa: E402
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer  # noqa: E402
+from hf_spectralkd.cli.common import close_process_group  # noqa: E402
 from hf_spectralkd.models import ensure_deepspeed_distributed  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -43,3 +44,4 @@ payload = {"log_history": trainer.state.log_history, "world_size": args.world_si
            "teacher_type": type(trainer.teacher).__name__, "deepspeed": trainer.is_deepspeed_enabled,
            "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None)}
 Path(options.out, f"rank{rank}.json").write_text(json.dumps(payload))
+close_process_group()  # as the recipe does: gloo threads left running can abort the process at exit
