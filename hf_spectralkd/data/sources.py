@@ -283,16 +283,27 @@ def open_split(args: DataArguments, split: str, token: Optional[str] = None):
     """
     import datasets
 
+    raw, _ = _open_checked(args, split, "split", token)
+    return raw.cast_column(args.image_column, datasets.Image(decode=False))
+
+
+def _open_checked(args: DataArguments, split: str, argument: str, token: Optional[str]):
+    """``_load_raw`` of ``split`` with its columns checked; a failure names ``argument`` (an unknown
+    split, listing the splits there are) or the dataset (anything else)."""
+    import datasets
+
     try:
-        raw, _ = _load_raw(args, split, args.streaming, token)
+        raw, files = _load_raw(args, split, args.streaming, token)
     except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
         splits = _available_splits(args)
         if splits is not None and split not in splits:
-            raise ConfigurationError(f"split: '{split}' is not a split of '{args.dataset}'; splits: {splits}") from error
-        reason = first_line(error).rstrip(".")
-        raise ConfigurationError(f"dataset: cannot load '{args.dataset}': {reason}") from error
+            raise ConfigurationError(f"{argument}: '{split}' is not a split of '{args.dataset}'; splits: {splits}") from error
+        raise ConfigurationError(
+            f"dataset: cannot load '{args.dataset}': {first_line(error).rstrip('.')}. Expected a Hub dataset id (set "
+            f"HF_TOKEN for gated ones such as ILSVRC/imagenet-1k), a local imagefolder or parquet folder, or '{DEMO_DATASET}'"
+        ) from error
     _check_columns(raw, args)
-    return raw.cast_column(args.image_column, datasets.Image(decode=False))
+    return raw, files
 
 
 def _label_names(ds, args: DataArguments) -> dict[int, str]:
@@ -328,20 +339,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     Raises:
         ValueError: unknown dataset or split, missing image/label column, no class names.
     """
-    import datasets
-
-    try:
-        train_raw, train_files = _load_raw(args, args.train_split, args.streaming, token)
-    except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
-        splits = _available_splits(args)
-        if splits is not None and args.train_split not in splits:
-            raise ConfigurationError(f"train_split: '{args.train_split}' is not a split of '{args.dataset}'; splits: {splits}") from error
-        reason = first_line(error).rstrip(".")
-        raise ConfigurationError(
-            f"dataset: cannot load '{args.dataset}': {reason}. Expected a Hub dataset id (set HF_TOKEN for gated "
-            f"ones such as ILSVRC/imagenet-1k), a local imagefolder or parquet folder, or '{DEMO_DATASET}'"
-        ) from error
-    _check_columns(train_raw, args)
+    train_raw, train_files = _open_checked(args, args.train_split, "train_split", token)
     id2label = _label_names(train_raw, args)
 
     eval_raw, eval_split = None, args.eval_split
