@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import signal
 from typing import Any, Optional, Union
 
 import torch
@@ -57,6 +58,7 @@ from .models import LoadedModel, load_model
 from .nonfinite import NonFiniteWatch
 from .optimization import DeiTOptimizationMixin
 from .perf import keep_freed_memory
+from .preemption import PreemptionWatch, ignore_stop_signals_in_workers
 from .preprocessing import (
     InputAdapter,
     InputSpec,
@@ -173,6 +175,26 @@ class SpectralDistillationTrainer(
         self._loss_counts = {"train": 0, "eval": 0}
         self._feature_key = f"loss_{args.feature_loss}"
         self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
+        self._preemption = self._replace_jit_checkpoint() if args.enable_jit_checkpoint else None
+        #: The step whose checkpoint was saved on SIGTERM before training stopped; None if it was not preempted.
+        self.preempted_at_step: Optional[int] = None
+        self._saved_step: Optional[int] = None
+
+    def _replace_jit_checkpoint(self) -> PreemptionWatch:
+        """Take SIGTERM from transformers' JIT checkpoint (it saves inside a step; see :mod:`.preemption`).
+
+        ``Trainer.__init__`` installed its handler already, for the trainer's lifetime: give the signal
+        its previous handler back; :meth:`train` installs a :class:`PreemptionWatch` while it trains.
+        """
+        from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+        for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, JITCheckpointCallback):
+                self.callback_handler.remove_callback(callback)
+                manager = callback.jit_manager
+                if manager is not None and manager._original_sigterm_handler is not None:
+                    signal.signal(signal.SIGTERM, manager._original_sigterm_handler)
+        return PreemptionWatch()
 
     # ------------------------------------------------------------------------------------------
     # Teacher
@@ -273,12 +295,17 @@ class SpectralDistillationTrainer(
                     global_step = json.load(handle)["global_step"]
             dataset.fast_forward(global_step * self.args.gradient_accumulation_steps, self.args.per_device_train_batch_size)
         lock = acquire_run_lock(self.accelerator, self.args.output_dir)
+        self.preempted_at_step = None
+        if self._preemption is not None:
+            self._preemption.install()
         try:
             self.check_teacher()
             result = super().train(resume_from_checkpoint, *args, **kwargs)
             self._check_finite()
             return result
         finally:
+            if self._preemption is not None:
+                self._preemption.restore()
             if lock is not None:
                 lock.release()
 
@@ -342,6 +369,27 @@ class SpectralDistillationTrainer(
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         self._check_finite()  # never write weights a non-finite loss has touched
         super()._save_checkpoint(model, trial)
+        self._saved_step = self.state.global_step
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs) -> None:
+        """After each optimizer step's log, evaluation and save: on SIGTERM, save this step (unless just saved) and stop.
+
+        Here, and only here, step N is complete and step N+1 has not begun: its checkpoint holds
+        exactly step N's state, like a scheduled one. A signal during an evaluation or a save is
+        acted on when it has finished.
+        """
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+        if self._preemption is None or not self._preemption.requested(self.accelerator):
+            return
+        if self._saved_step != self.state.global_step:
+            self._save_checkpoint(model, trial)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        self.control.should_training_stop = True
+        self.preempted_at_step = self.state.global_step
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any):
+        # Workers ignore SIGTERM/SIGINT: a process-group signal must not kill them under the run (see .preemption).
+        return ignore_stop_signals_in_workers(super()._get_dataloader(*args, **kwargs))
 
     # ------------------------------------------------------------------------------------------
     # Logging

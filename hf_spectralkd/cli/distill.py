@@ -484,10 +484,12 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         write_json_atomic(os.path.join(args.output_dir, "run_config.json"), resolved)
 
     train_result = trainer.train(resume_from_checkpoint=resume)
-    if trainer.state.max_steps and trainer.state.global_step < trainer.state.max_steps:
-        # Stopped early by SIGTERM (preemption): the JIT checkpoint holds everything; no final student.
-        print(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} on SIGTERM; checkpoint saved "
-              f"in {args.output_dir}; resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
+    if trainer.preempted_at_step is not None:
+        # Stopped by SIGTERM (preemption): the checkpoint of that step holds everything; no final student.
+        step = trainer.preempted_at_step
+        if trainer.is_world_process_zero():
+            print(f"stopped at step {step} of {trainer.state.max_steps} on SIGTERM; checkpoint-{step} saved in "
+                  f"{args.output_dir}; resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)

@@ -3,6 +3,8 @@
 HF_SPECTRALKD_TEST_FAULT:
   kill_before_rename:N   SIGKILL this process after checkpoint-N is written and flushed, before its rename
   hang_in_eval:MARKER    at the first evaluation, create MARKER and wait (for the test's Ctrl-C)
+  term_in_step:K:MARKER  in the K-th training forward (step K in progress), create MARKER and wait until this
+                         process has received the test's SIGTERM, then go on
 """
 
 import os
@@ -35,6 +37,22 @@ elif fault == "hang_in_eval":
         return evaluate(self, *args, **kwargs)
 
     SpectralDistillationTrainer.evaluation_loop = hang
+elif fault == "term_in_step":
+    step, _, marker = value.partition(":")
+    compute_loss = SpectralDistillationTrainer.compute_loss
+    forwards = {"train": 0}
+
+    def wait_for_sigterm(self, model, inputs, *args, **kwargs):
+        if model.training:
+            forwards["train"] += 1
+            if forwards["train"] == int(step):
+                Path(marker).touch()
+                deadline = time.time() + 120
+                while not self._preemption.received and time.time() < deadline:
+                    time.sleep(0.01)
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    SpectralDistillationTrainer.compute_loss = wait_for_sigterm
 else:
     raise SystemExit(f"unknown fault {fault!r}")
 
