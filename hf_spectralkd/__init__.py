@@ -10,19 +10,22 @@ Importing the package registers the Lift and WideLast students (``hf_spectralkd.
 transformers' ``AutoConfig`` and ``AutoModelForImageClassification``.
 """
 
-from . import students  # noqa: F401  (registers the students with the Auto classes)
-from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
-from .config import SpectralDistillationConfig
-from .errors import (
-    CheckpointSaveError,
-    ConfigurationError,
-    DamagedFileError,
-    NonFiniteLossError,
-    RunFailedError,
-    TooManyBadImagesError,
-)
-from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
-from .trainer import SpectralDistillationTrainer
+from .cli.common import interruptible_start  # stdlib and yaml only: in place before the long imports
+
+with interruptible_start():
+    from . import students  # noqa: F401  (registers the students with the Auto classes)
+    from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
+    from .config import SpectralDistillationConfig
+    from .errors import (
+        CheckpointSaveError,
+        ConfigurationError,
+        DamagedFileError,
+        NonFiniteLossError,
+        RunFailedError,
+        TooManyBadImagesError,
+    )
+    from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
+    from .trainer import SpectralDistillationTrainer
 
 __version__ = "0.1.0"
 

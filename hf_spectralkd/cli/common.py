@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -220,6 +221,32 @@ def close_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def started_as_command() -> bool:
+    """Whether this process is one of the project's commands: ``hf-spectralkd``, ``run_distill.py``, or
+    ``python -m hf_spectralkd…`` (while ``-m`` imports the package, ``sys.argv[0]`` is ``"-m"``)."""
+    program = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(program)
+    return program == "-m" or name.startswith("hf-spectralkd") or name == "run_distill.py"
+
+
+@contextlib.contextmanager
+def interruptible_start():
+    """Ctrl-C while a command imports its libraries: one line and exit code 130, no traceback.
+
+    Importing torch and transformers takes 7-10 s (measured with ``python -X importtime`` on the
+    development machine), long enough to be interrupted; the traceback then runs through dozens of
+    frames of import machinery. In any other program (a notebook, a script that imports the
+    package) the ``KeyboardInterrupt`` is raised as usual.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not started_as_command():
+            raise
+        print("interrupted while starting; nothing was written", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
