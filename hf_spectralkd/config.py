@@ -233,7 +233,7 @@ class SpectralDistillationConfig(TrainingArguments):
     )
     enable_jit_checkpoint: bool = field(
         default=True,
-        metadata={"help": "Save a checkpoint and stop cleanly when the job receives SIGTERM (preemption)."},
+        metadata={"help": "On SIGTERM (preemption), finish the current step, save its checkpoint and stop (exit code 143)."},
     )
     max_skipped_fraction: float = field(
         default=0.05,

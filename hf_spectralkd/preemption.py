@@ -16,6 +16,8 @@ Here the signal handler only records the request (:class:`PreemptionWatch`); the
 after each optimizer step, where a regular checkpoint would be written, saves ``checkpoint-N``
 with everything of step N (weights, optimizer, RNG, data position, image counts) and stops.
 Workers ignore SIGTERM and SIGINT (:class:`IgnoreStopSignals`), so only the main process decides.
+(torch's handler is in place from the worker's start until its ``worker_init_fn`` runs: a signal in
+those few milliseconds of a worker's start-up still kills it.)
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ class PreemptionWatch:
         """Whether any process received SIGTERM: a collective with several processes (call it at the same
         step on all of them), so that all save the same step and none waits in a step the others left.
 
-        One 1-element reduction per optimizer step; the Trainer already reads the loss on the host in
-        every step (``logging_nan_inf_filter``), so this adds no new synchronisation point.
+        One 1-element reduction per optimizer step. With the default ``logging_nan_inf_filter`` the
+        Trainer already reads each step's loss on the host, so the host waits for the device there anyway.
         """
         if accelerator.num_processes == 1:
             return self.received

@@ -15,7 +15,7 @@ resized for the teacher when it expects other inputs, its logits put in the stud
 few evaluation images and a teacher near chance stops the run. Its three raw components are logged as
 ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over the logging window and over
 processes. Checkpointing, the model card and the optimizer details live in their own mixins
-(:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`); batches of encoded images
+(:mod:`.checkpointing`, :mod:`.hub`, :mod:`.optimization`), SIGTERM in :mod:`.preemption`; batches of encoded images
 (``--data_backend torchvision``) are decoded on the device by :class:`~.data.DecodeOnDeviceMixin`.
 """
 
