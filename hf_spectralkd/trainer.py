@@ -235,7 +235,8 @@ class SpectralDistillationTrainer(
         return engine
 
     def check_teacher(self) -> Optional[float]:
-        """Score the teacher on the first ``args.teacher_check_images`` evaluation images; stop if near chance.
+        """Score the teacher on ``args.teacher_check_images`` evaluation images (a seeded sample stratified by
+        class); stop if near chance.
 
         Returns the top-1 (``None`` when there is nothing to check). Runs through the same input
         adaptation and label order as distillation, so it checks what the KD targets will be.
@@ -244,12 +245,12 @@ class SpectralDistillationTrainer(
         if (args.teacher_check_images <= 0 or self.teacher is None or not args.uses_teacher_logits
                 or self.eval_dataset is None or isinstance(self.eval_dataset, dict)):
             return None
-        top1, scored = check_teacher(
+        top1, scored, classes = check_teacher(
             self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
-            self.teacher_inputs, self.teacher_label_order,
+            self.teacher_inputs, self.teacher_label_order, seed=args.seed,
         )
         self.summary.teacher_check_accuracy = top1
-        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs)
+        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs, classes)
         return top1
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
