@@ -209,7 +209,8 @@ def stop_if_near_chance(
         raise TeacherCheckError(
             f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on {scored} evaluation images{covered}, "
             f"below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
-            f"Check its normalisation (input adaptation: {adaptation}; set --teacher_image_mean/--teacher_image_std), "
+            f"Check its normalisation and preprocessing (input adaptation: {adaptation}; set --teacher_image_mean/"
+            "--teacher_image_std), "
             "its label order (its id2label against the dataset's class names) and that the checkpoint is the one "
             "you meant; --teacher_check_images 0 skips this check"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import SyntheticImageDataset, make_imagefolder, tiny_cait, tiny_vit
 from PIL import Image
-from transformers import ViTConfig, ViTImageProcessor
+from transformers import ConvNextImageProcessor, ViTConfig, ViTImageProcessor
 
 from hf_spectralkd import ConfigurationError, SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.data import DataArguments, build_eval_transform, build_image_processor, load_image_datasets
@@ -202,6 +203,30 @@ def test_teacher_with_wrong_normalisation_and_label_order_is_stopped_before_step
         kwargs = {} if fault else {"teacher_image_mean": [0.5] * 3, "teacher_image_std": [0.5] * 3}
         with pytest.raises(TeacherCheckError):
             checked_trainer(tmp_path, StripeTeacher(**fault), **kwargs).train()
+
+
+def test_teacher_with_another_crop_and_filter_is_named_with_both_specs_in_the_check(tmp_path, caplog):
+    # A ConvNeXt-style teacher: evaluated at crop 0.95 with bilinear resizing; the student's batches are cropped at
+    # 0.875 with bicubic resizing. Same normalisation and size: nothing the adapter can change on the device.
+    teacher_dir = tmp_path / "convnext_style"
+    tiny_vit(num_labels=5, seed=5).save_pretrained(teacher_dir)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.95, resample=Image.Resampling.BILINEAR,
+                           image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(teacher_dir)
+    args = config(tmp_path, beta=0.0, student_layers=None, teacher_layers=None, teacher_check_images=32, max_steps=1)
+    with caplog.at_level(logging.INFO, logger="hf_spectralkd.preprocessing"):
+        trainer = SpectralDistillationTrainer(
+            model=tiny_vit(), teacher_model=str(teacher_dir), args=args, train_dataset=SyntheticImageDataset(16),
+            eval_dataset=SyntheticImageDataset(40, seed=1), processing_class=build_image_processor(DataArguments(), 32))
+    both = "crop_pct 0.875 (student) vs 0.95 (teacher), interpolation bicubic (student) vs bilinear (teacher)"
+    assert both in caplog.text and "teacher inputs: none" not in caplog.text
+    assert "student: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), 32×32, crop_pct 0.875, bicubic" in caplog.text
+    assert "teacher: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), 32×32, crop_pct 0.95, bilinear" in caplog.text
+    received = record_teacher_inputs(trainer.teacher)
+    batch = torch.randn(2, 3, 32, 32)
+    trainer.compute_loss(trainer.model.train(), {"pixel_values": batch, "labels": torch.tensor([0, 1])})
+    assert received[0] is batch  # nothing is computed on the batch
+    with pytest.raises(TeacherCheckError, match=re.escape(f"input adaptation: not adapted: {both}")):
+        trainer.train()  # a random teacher: near chance, and the message names the preprocessing it could not adapt
 
 
 class ConstantTeacher(torch.nn.Module):
