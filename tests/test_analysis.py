@@ -222,7 +222,25 @@ def test_compare_profiles_shape_similarity():
     assert flipped.pearson == pytest.approx(-1.0)
     shallower = compare_profiles(list(np.linspace(0, 1, 12)), list(np.linspace(5, 9, 24)))
     assert shallower.pearson == pytest.approx(1.0) and len(shallower.per_layer_distance) == 12
-    assert math.isnan(compare_profiles([1.0, 1.0], teacher).pearson)
+    assert math.isnan(compare_profiles([1.0, 1.0, 1.0], teacher).pearson)
+
+
+def test_compare_refuses_profiles_too_short_to_have_a_shape(tmp_path, pixel_values, capsys):
+    from helpers import run_and_capture, tiny_vit
+
+    from hf_spectralkd.cli import main
+
+    paths = {}
+    for name, layers, seed in (("student", 2, 0), ("teacher", 2, 1), ("deeper", 3, 2)):
+        spectral_profile(tiny_vit(layers=layers, seed=seed), pixel_values).save(tmp_path / f"{name}.json")
+        paths[name] = str(tmp_path / f"{name}.json")
+    # Two points min-max normalise to 0 and 1, whatever the models: this pair would read "pearson 1, distance 0".
+    code, err = run_and_capture(main, ["compare", paths["student"], paths["teacher"]], capsys)
+    assert code == 2 and "the student profile has 2 layer(s); comparing the shapes of spectral profiles needs at least 3" in err
+    assert "Traceback" not in err
+    code, err = run_and_capture(main, ["compare", paths["deeper"], paths["teacher"]], capsys)
+    assert code == 2 and "the teacher profile has 2 layer(s)" in err
+    assert run_and_capture(main, ["compare", paths["deeper"], paths["deeper"]], capsys)[0] == 0  # 3 layers: compared
 
 
 def test_spectral_dynamics_reach_the_trackers_through_trainer_log(saved_models, imagefolder, tmp_path):

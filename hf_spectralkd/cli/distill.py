@@ -336,8 +336,9 @@ def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, la
     return "\n".join(lines)
 
 
-def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> dict[str, Any]:
-    """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity.
+def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> Optional[dict[str, Any]]:
+    """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity (``None``, with a
+    warning, when a profile has too few layers to compare).
 
     Skipped under DeepSpeed ZeRO-3, where neither model's parameters are whole on any one process.
     """
@@ -351,7 +352,11 @@ def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, te
     student_profile = spectral_profile(student_model, pixel_values.to(device), model_name="student")
     teacher_pixels = pixel_values.to(device) if teacher_inputs is None else teacher_inputs(pixel_values.to(device))
     teacher_profile = spectral_profile(teacher.to(device), teacher_pixels, model_name="teacher")
-    comparison = compare_profiles(student_profile, teacher_profile)
+    try:
+        comparison = compare_profiles(student_profile, teacher_profile)
+    except ConfigurationError as error:  # too few layers for a shape: the run itself is fine
+        logger.warning("spectral profiles not compared: %s", error)
+        return None
     # Every rank computed (cheap, collective-free) and logs; the trackers write on the main process.
     trainer.log({"spectral/final_pearson_to_teacher": comparison.pearson,
                  "spectral/final_distance_to_teacher": comparison.mean_abs_distance})
