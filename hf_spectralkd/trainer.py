@@ -136,9 +136,17 @@ class SpectralDistillationTrainer(
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         label_order = teacher_label_order(model, teacher) if teacher is not None and args.uses_teacher_logits else None
+        adapter = None
+        if teacher is not None:
+            teacher_inputs = teacher_inputs or input_spec_of(
+                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
+                mean=args.teacher_image_mean, std=args.teacher_image_std,
+            )
+            student_inputs = student_inputs or spec_from_processor(kwargs.get("processing_class"))
+            adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(model))
         # Checked before Trainer.__init__, which may already contact the Hub.
         if layer_map is None:
-            layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs))
+            layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs), adapter)
         self.layer_map: list[LayerPair] = list(layer_map)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # never pass num_items_in_batch to the student
@@ -151,15 +159,7 @@ class SpectralDistillationTrainer(
             )
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         self.teacher_label_order = label_order
-        self.teacher_inputs: Optional[InputAdapter] = None
-        if teacher is not None:
-            teacher_inputs = teacher_inputs or input_spec_of(
-                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
-                mean=args.teacher_image_mean, std=args.teacher_image_std,
-            )
-            student_inputs = student_inputs or spec_from_processor(kwargs.get("processing_class"))
-            adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(model))
-            self.teacher_inputs = adapter.to(args.device) if adapter is not None else None
+        self.teacher_inputs: Optional[InputAdapter] = adapter.to(args.device) if adapter is not None else None
         self.summary = summary or RunSummary.describe(
             args, model, teacher, self.layer_map,
             student_source=student_info.source if student_info else None,

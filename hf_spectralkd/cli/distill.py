@@ -463,10 +463,11 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
 
     profile_count = max(model_args.profile_images, 32 if model_args.spectral_dynamics_steps else 0)
     profile_batch = first_images(data.eval, profile_count)
-    auto_batch = None
-    if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images
+    auto_batch = auto_inputs = None
+    if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images, as it will see them
         auto_batch = profile_batch[:32] if profile_batch is not None else first_images(data.eval or data.train, 32)
-    layer_map = resolve_layer_map(student.model, teacher.model if teacher else None, args, auto_batch)
+        auto_inputs = teacher_input_adapter(student_spec, teacher_spec, configured_size(student.model)) if teacher else None
+    layer_map = resolve_layer_map(student.model, teacher.model if teacher else None, args, auto_batch, auto_inputs)
     summary = RunSummary.describe(
         args, student.model, teacher.model if teacher else None, layer_map,
         student_source=student.source, student_kind=student.kind,
