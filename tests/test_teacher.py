@@ -16,7 +16,7 @@ from transformers import ConvNextImageProcessor, ViTConfig, ViTImageProcessor
 
 from hf_spectralkd import ConfigurationError, SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.data import DataArguments, build_eval_transform, build_image_processor, load_image_datasets
-from hf_spectralkd.teacher import TeacherCheckError, check_sample
+from hf_spectralkd.teacher import TeacherCheckError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -262,6 +262,8 @@ def test_a_constant_teacher_fails_the_check_on_a_class_sorted_imagefolder(tmp_pa
 
 
 def test_check_sample_is_seeded_and_stratified_by_class():
+    from hf_spectralkd.teacher import check_sample
+
     labels = [0] * 30 + [1] * 5 + [2] * 50 + [3] * 2  # sorted by class, unbalanced
     sample = check_sample(labels, 12, seed=7)
     assert sample == check_sample(labels, 12, seed=7) and sample != check_sample(labels, 12, seed=8)
