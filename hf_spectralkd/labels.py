@@ -153,8 +153,8 @@ def match_head_to_labels(model: nn.Module, id2label: dict[int, str], argument: s
 
     Rows of the classifier head follow their class by name (:func:`match_labels`); classes the head
     lacks get new rows (truncated normal, ``initializer_range``), named in a warning; classes the data
-    lacks are dropped. A head with only default names is kept row for row when the counts agree
-    (nothing says the order differs; warned), else replaced. ``config.id2label``/``label2id`` become the
+    lacks are dropped. When either side has only default names, the head is kept row for row if the
+    counts agree (nothing says the order differs; warned), else replaced. ``config.id2label``/``label2id`` become the
     data's. Modifies ``model`` in place and returns it.
 
     Raises:
@@ -164,11 +164,12 @@ def match_head_to_labels(model: nn.Module, id2label: dict[int, str], argument: s
     config = unwrap_model(model).config
     current = class_names(model)
     old_count = config.num_labels
-    if current is None:
+    if current is None or class_names(id2label) is None:
         if old_count == len(names):
             logger.warning(
-                "%s: its classes have only default names (0, 1, … or LABEL_0, …): its %d head rows are taken to be "
-                "the data's classes in the data's order (%s)", argument, old_count, shown(names),
+                "%s: %s classes have only default names (0, 1, … or LABEL_0, …): its %d head rows are taken to be "
+                "the data's classes in the data's order (%s)", argument, "its" if current is None else "the data's",
+                old_count, shown(names),
             )
             rows: list[Optional[int]] = list(range(old_count))
         else:

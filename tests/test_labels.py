@@ -107,6 +107,29 @@ def test_classes_new_to_the_student_get_new_rows_named_in_a_warning(shuffled_stu
     assert not any(torch.allclose(model.classifier.weight[1], w) for w in saved.classifier.weight)
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 3)
 
+    caplog.clear()  # data without class names: nothing to match, the rows stay as they are
+    with caplog.at_level(logging.WARNING, logger="hf_spectralkd.labels"):
+        unnamed = load_model(str(student), argument="student", id2label={0: "0", 1: "1", 2: "2"}).model
+    assert "the data's classes have only default names" in caplog.text
+    torch.testing.assert_close(unnamed.classifier.weight, saved.classifier.weight)
+
+
+@pytest.mark.parametrize("build", ["tiny_cait", "tiny_deit", "tiny_swin", "tiny_widelast"])
+def test_every_family_keeps_its_logits_per_class_name(build):
+    import helpers
+
+    model = with_labels(getattr(helpers, build)(num_labels=3), ["a", "b", "c"]).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).logits
+    from hf_spectralkd.labels import match_head_to_labels
+
+    match_head_to_labels(model, {0: "c", 1: "d", 2: "a", 3: "b"})
+    with torch.no_grad():
+        after = model(pixel_values=pixels).logits
+    assert after.shape == (2, 4) and model.config.num_labels == 4
+    torch.testing.assert_close(after[:, [0, 2, 3]], before[:, [2, 0, 1]])  # c, a, b: the same logits as before
+
 
 # ------------------------------------------------------------------------------------------------
 # ImageNet synsets in another order

@@ -7,8 +7,8 @@ curve is min-max normalised to [0, 1]. The paper's Fig. 1 claim, that a Spectral
 its teacher's U shape, reads as a high Pearson correlation and a small mean distance.
 
 A curve needs :data:`MIN_LAYERS` points to have a shape: two points min-max normalise to 0 and 1
-whatever their values, so any two 2-layer curves that rise (or fall) together compare as identical
-(Pearson 1, distance 0). Such profiles are refused.
+whatever their values, so any two 2-layer curves compare as identical (Pearson 1, distance 0) or
+opposite (Pearson -1, distance 1). Such profiles are refused.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def compare_profiles(student: Curve, teacher: Curve) -> ProfileComparison:
         if values.size < MIN_LAYERS:
             raise ConfigurationError(
                 f"the {side} profile has {values.size} layer(s); comparing the shapes of spectral profiles needs at "
-                f"least {MIN_LAYERS} (with 2, min-max normalisation makes any two rising curves identical: Pearson 1, "
-                "distance 0). Compare the per-layer intensities in profile.json directly"
+                f"least {MIN_LAYERS} (with 2, min-max normalisation makes any two curves identical or opposite: Pearson "
+                "±1, distance 0 or 1). Compare the per-layer intensities in profile.json directly"
             )
     teacher_on_student = np.interp(relative_depth(len(student_l)), relative_depth(len(teacher_l)), teacher_l)
     s_norm, t_norm = min_max(student_l), min_max(teacher_on_student)
