@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ def build_layer_map(
 
 def resolve_layer_map(
     student: nn.Module, teacher: Optional[nn.Module], args, pixel_values: Optional[torch.Tensor] = None,
-    teacher_inputs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    teacher_inputs: Optional[nn.Module] = None,
 ) -> list[LayerPair]:
     """The checked layer map of a run configured by ``args`` (a ``SpectralDistillationConfig``).
 
@@ -110,7 +110,7 @@ def resolve_layer_map(
     device = next(unwrap_model(teacher).parameters()).device
     pixel_values = pixel_values.to(device)
     if teacher_inputs is not None:
-        pixel_values = teacher_inputs.to(device)(pixel_values) if isinstance(teacher_inputs, nn.Module) else teacher_inputs(pixel_values)
+        pixel_values = teacher_inputs.to(device)(pixel_values)
     profile = spectral_profile(unwrap_model(teacher), pixel_values)
     selection = select_layers(profile, student_taps.num_layers, student_grids=student_taps.grids,
                               teacher_grids=teacher_taps.grids)

@@ -8,8 +8,7 @@ behind transformers' timm wrapper. :class:`InputAdapter` maps a normalised batch
 another: an affine map per channel, then (for logit-only distillation) a bicubic, antialiased resize.
 When both specs agree it does nothing at all. A batch's crop (``crop_pct``) and resize filter cannot be
 undone on the device: when the teacher was evaluated with others, the adapter names both specs and
-:func:`teacher_input_adapter` warns (a ConvNeXt-style teacher at crop 0.95 fed the student's 0.875
-crop loses accuracy).
+:func:`teacher_input_adapter` warns (a teacher scored on another crop than its own can lose accuracy).
 """
 
 from __future__ import annotations
@@ -205,7 +204,7 @@ class InputAdapter(nn.Module):
 
     @property
     def unadapted(self) -> list[str]:
-        """What differs and cannot be adapted on the device: the crop and the resize filter, each ``source → target``."""
+        """What differs and cannot be adapted on the device (the crop, the resize filter), as ``X (student) vs Y (teacher)``."""
         differences = []
         source, target = self.source, self.target
         if source.crop_pct is not None and target.crop_pct is not None and not math.isclose(
