@@ -217,40 +217,25 @@ def check_model_folder(folder: PathLike, argument: str, with_weights: bool = Tru
         raise damaged(argument, folder, problems, remedy)
 
 
-def _head_keys(model) -> set[str]:
-    """Parameter names of the classifier head(s): the linear layers with one output per label."""
-    from torch import nn
-
-    num_labels = getattr(model.config, "num_labels", None)
-    return {
-        f"{name}.{param}"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module.out_features == num_labels
-        for param, _ in module.named_parameters(recurse=False)
-    }
-
-
 def _shape(size) -> str:
     return "×".join(str(n) for n in size) or "a scalar"
 
 
-def loading_problems(info: dict, model, new_head: bool = False) -> list[str]:
+def loading_problems(info: dict, model) -> list[str]:
     """Tensors that ``from_pretrained`` did not fill from the file (``output_loading_info``).
 
     transformers re-initialises a tensor the file lacks, or (with ``ignore_mismatched_sizes``)
     holds in another shape, and only logs it: a weights file that does not belong to its
-    ``config.json`` would train or teach from random values. ``new_head``: the classifier head is
-    being sized for new labels, so its absence or other shape is expected. Extra tensors in the file
-    (a backbone's pooler) are ignored, as transformers does.
+    ``config.json`` would train or teach from random values. Extra tensors in the file (a backbone's
+    pooler) are ignored, as transformers does.
     """
-    expected = _head_keys(model) if new_head else set()
     problems = []
-    mismatched = sorted((key, saved, wanted) for key, saved, wanted in info.get("mismatched_keys", ()) if key not in expected)
+    mismatched = sorted(info.get("mismatched_keys", ()))
     if mismatched:
         key, saved, wanted = mismatched[0]
         problems.append(f"{len(mismatched)} tensor(s) of the weights do not have the shapes {CONFIG_FILE} asks for, e.g. "
                         f"{key} is {_shape(saved)} in the file and {_shape(wanted)} in the config")
-    missing = sorted(set(info.get("missing_keys", ())) - expected)
+    missing = sorted(info.get("missing_keys", ()))
     if missing:
         problems.append(f"the weights lack {len(missing)} tensor(s) that {CONFIG_FILE} asks for, e.g. {missing[0]}")
     problems += [f"the weights do not load ({first_line(Exception(message))})" for message in info.get("error_msgs", ())[:1]]

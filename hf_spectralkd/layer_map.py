@@ -86,14 +86,17 @@ def build_layer_map(
 
 
 def resolve_layer_map(
-    student: nn.Module, teacher: Optional[nn.Module], args, pixel_values: Optional[torch.Tensor] = None
+    student: nn.Module, teacher: Optional[nn.Module], args, pixel_values: Optional[torch.Tensor] = None,
+    teacher_inputs: Optional[nn.Module] = None,
 ) -> list[LayerPair]:
     """The checked layer map of a run configured by ``args`` (a ``SpectralDistillationConfig``).
 
     ``args.layer_map == "manual"``: the pairs of ``args.student_layers``/``args.teacher_layers``.
-    ``"auto"``: the teacher is profiled on ``pixel_values`` (``N×3×H×W``, e.g. 32 evaluation images)
-    and :func:`~hf_spectralkd.analysis.select_layers` chooses both lists. Empty when the run has no
-    feature loss. ``args`` is not modified.
+    ``"auto"``: the teacher is profiled on ``pixel_values`` (``N×3×H×W``, e.g. 32 of the student's
+    evaluation images) passed through ``teacher_inputs`` (the run's
+    :class:`~hf_spectralkd.preprocessing.InputAdapter`: the teacher's size and normalisation), and
+    :func:`~hf_spectralkd.analysis.select_layers` chooses both lists among the pairs on equal token
+    grids, the only ones a run accepts. Empty when the run has no feature loss. ``args`` is not modified.
     """
     if not args.uses_features:
         return []
@@ -103,10 +106,14 @@ def resolve_layer_map(
 
     if pixel_values is None:
         raise ConfigurationError("layer_map: 'auto' needs images to profile the teacher on (a train or eval dataset)")
-    describe_taps(teacher)  # an unsupported teacher fails here with the family message, before any forward
+    student_taps, teacher_taps = describe_taps(student), describe_taps(teacher)  # unsupported families fail here
     device = next(unwrap_model(teacher).parameters()).device
-    profile = spectral_profile(unwrap_model(teacher), pixel_values.to(device))
-    selection = select_layers(profile, describe_taps(student).num_layers)
+    pixel_values = pixel_values.to(device)
+    if teacher_inputs is not None:
+        pixel_values = teacher_inputs.to(device)(pixel_values)
+    profile = spectral_profile(unwrap_model(teacher), pixel_values)
+    selection = select_layers(profile, student_taps.num_layers, student_grids=student_taps.grids,
+                              teacher_grids=teacher_taps.grids)
     logger.info("layer_map='auto': %s (%s)", selection.as_arguments(), selection.rule)
     return build_layer_map(student, teacher, selection.student_layers, selection.teacher_layers)
 

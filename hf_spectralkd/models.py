@@ -29,6 +29,7 @@ from transformers import (
 
 from .errors import ConfigurationError
 from .integrity import COPY_AGAIN, damaged, first_line, loading_problems, model_folder_problems, read_json
+from .labels import match_head_to_labels
 from .students.presets import deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
 
 logger = logging.getLogger(__name__)
@@ -173,8 +174,9 @@ def load_model(
             JSON, or a key of :data:`ARCHITECTURE_PRESETS` (built with random weights).
         argument: the user-facing argument name, used in error messages (``--teacher``).
         from_scratch: build from the config only, with random weights, even if weights exist.
-        id2label: class names; when given, the classifier head is sized for them (a pretrained head of
-            another size is re-initialised, as in fine-tuning).
+        id2label: class names (the data's); when given, the model gets these classes. A pretrained head
+            keeps its rows for the classes it knows, matched by name and put in this order; others get new
+            rows, named in a warning (:func:`~hf_spectralkd.labels.match_head_to_labels`).
         revision, token, trust_remote_code, cache_dir: for Hub ids. ``revision`` is resolved to its commit
             once (recorded in ``LoadedModel.revision``) and config and weights load from that commit.
 
@@ -191,7 +193,6 @@ def load_model(
         resolved = resolve_hub_revision(name_or_path, revision, token, cache_dir)
     hub_kwargs = {"revision": resolved or revision, "token": token, "trust_remote_code": trust_remote_code,
                   "cache_dir": cache_dir}
-    label_kwargs = _label_kwargs(id2label)
     try:
         if name_or_path in ARCHITECTURE_PRESETS and not path.exists():
             config = _apply_labels(ARCHITECTURE_PRESETS[name_or_path](), id2label)
@@ -223,18 +224,21 @@ def load_model(
             model = AutoModelForImageClassification.from_config(_apply_labels(config, id2label), **model_kwargs)
             return LoadedModel(model, name_or_path, "scratch")
         local = path.is_dir()
+        # Loaded with its own head and classes; the data's classes are matched to them by name below
+        # (passing id2label here would rename the rows without moving them).
         loaded = AutoModelForImageClassification.from_pretrained(
             name_or_path,
             **hub_kwargs,
-            **label_kwargs,
-            ignore_mismatched_sizes=bool(label_kwargs) or local,  # a local folder's mismatches are reported below
+            ignore_mismatched_sizes=local,  # a local folder's mismatches are reported below
             output_loading_info=local,
             **model_kwargs,
         )
         model, info = loaded if local else (loaded, None)
-        problems = loading_problems(info, model, new_head=bool(label_kwargs)) if info is not None else []
+        problems = loading_problems(info, model) if info is not None else []
         if problems:
             raise damaged(argument, name_or_path, problems, "save the model again with save_pretrained, or copy it again")
+        if id2label:
+            match_head_to_labels(model, id2label, argument)
     except ConfigurationError:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError, StrictDataclassError) as error:

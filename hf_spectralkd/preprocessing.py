@@ -6,11 +6,14 @@ student's batch as it is. :class:`InputSpec` holds a model's preprocessing, read
 with it (:func:`input_spec_of`): its saved image processor, else timm's ``pretrained_cfg`` for models
 behind transformers' timm wrapper. :class:`InputAdapter` maps a normalised batch of one spec to
 another: an affine map per channel, then (for logit-only distillation) a bicubic, antialiased resize.
-When both specs agree it does nothing at all.
+When both specs agree it does nothing at all. A batch's crop (``crop_pct``) and resize filter cannot be
+undone on the device: when the teacher was evaluated with others, the adapter names both specs and
+:func:`teacher_input_adapter` warns (a teacher scored on another crop than its own can lose accuracy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -53,21 +56,43 @@ class InputSpec:
             return "?" if values is None else "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
         size = "?" if self.size is None else f"{self.size[0]}×{self.size[1]}"
-        return f"mean {fmt(self.mean)}, std {fmt(self.std)}, {size} [{self.source}]"
+        crop = "" if self.crop_pct is None else f", crop_pct {self.crop_pct:g}"
+        interpolation = "" if self.interpolation is None else f", {self.interpolation}"
+        return f"mean {fmt(self.mean)}, std {fmt(self.std)}, {size}{crop}{interpolation} [{self.source}]"
 
 
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
+def _entry(value: Any, key: str) -> Any:
+    """``value[key]`` of a size dict (transformers' ``SizeDict`` or a plain dict), else ``None``."""
+    getter = getattr(value, "get", None)
+    return getter(key) if callable(getter) else None
+
+
 def _size_of(size: Any, crop_size: Any = None) -> Optional[tuple[int, int]]:
     for value in (crop_size, size):
-        if isinstance(value, dict):
-            if "height" in value and "width" in value:
-                return int(value["height"]), int(value["width"])
-            if "shortest_edge" in value and value is size and crop_size is None:
-                return int(value["shortest_edge"]), int(value["shortest_edge"])
-        elif isinstance(value, int):
+        if isinstance(value, int):
             return value, value
+        height, width, shortest = _entry(value, "height"), _entry(value, "width"), _entry(value, "shortest_edge")
+        if height is not None and width is not None:
+            return int(height), int(width)
+        if shortest is not None and value is size and crop_size is None:
+            return int(shortest), int(shortest)
+    return None
+
+
+def _crop_fraction(processor: Any) -> Optional[float]:
+    """The share of the resized image a processor keeps (timm's ``crop_pct``), or ``None`` if it does not say."""
+    size, crop_pct = getattr(processor, "size", None), getattr(processor, "crop_pct", None)
+    shortest = _entry(size, "shortest_edge")
+    if crop_pct is not None and shortest is not None:
+        return float(crop_pct) if shortest < 384 else 1.0  # ConvNeXt's processor crops below 384 px only
+    crop_size = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and shortest and _entry(crop_size, "height"):
+        return float(_entry(crop_size, "height")) / float(shortest)
+    if _entry(size, "height") is not None and not getattr(processor, "do_center_crop", False):
+        return 1.0  # a plain resize to the model's size keeps the whole image
     return None
 
 
@@ -85,7 +110,7 @@ def spec_from_processor(processor: Any, source: str = "image processor") -> Opti
     crop_size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     return InputSpec(
         mean=_triple(mean), std=_triple(std), size=_size_of(getattr(processor, "size", None), crop_size),
-        crop_pct=getattr(processor, "crop_pct", None),
+        crop_pct=_crop_fraction(processor),
         interpolation=_RESAMPLE_NAMES.get(int(resample)) if resample is not None else None, source=source,
     )
 
@@ -178,6 +203,18 @@ class InputAdapter(nn.Module):
             self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
 
     @property
+    def unadapted(self) -> list[str]:
+        """What differs and cannot be adapted on the device (the crop, the resize filter), as ``X (student) vs Y (teacher)``."""
+        differences = []
+        source, target = self.source, self.target
+        if source.crop_pct is not None and target.crop_pct is not None and not math.isclose(
+                source.crop_pct, target.crop_pct, abs_tol=1e-3):
+            differences.append(f"crop_pct {source.crop_pct:g} (student) vs {target.crop_pct:g} (teacher)")
+        if source.interpolation and target.interpolation and source.interpolation != target.interpolation:
+            differences.append(f"interpolation {source.interpolation} (student) vs {target.interpolation} (teacher)")
+        return differences
+
+    @property
     def is_identity(self) -> bool:
         """True when no batch of the source's size would be changed: the caller can skip the adapter."""
         return not self.affine and (self.target.size is None or self.target.size == self.source.size)
@@ -200,6 +237,8 @@ class InputAdapter(nn.Module):
         if self.target.size is not None and self.source.size is not None and self.source.size != self.target.size:
             parts.append(f"resized {self.source.size[0]}×{self.source.size[1]} → {self.target.size[0]}×{self.target.size[1]} "
                          "(bicubic, antialiased)")
+        if self.unadapted:
+            parts.append(f"not adapted: {', '.join(self.unadapted)}")
         return "; ".join(parts) if parts else "none (the teacher expects the student's inputs)"
 
 
@@ -209,11 +248,13 @@ def teacher_input_adapter(
     """The map from the student's batches to the teacher's inputs, or ``None`` when they agree.
 
     ``student_size`` fills in the batch size when ``student_spec`` does not say it (the student's
-    configured input size). Logs what is applied; warns when one side's normalisation is unknown.
+    configured input size). Logs what is applied; warns when one side's normalisation is unknown, and
+    with both specs when the crop or the resize filter differ (:attr:`InputAdapter.unadapted`; the
+    adapter is then returned even if it changes nothing, so that the teacher check names them).
     """
     student_spec = student_spec or InputSpec()
     if student_spec.size is None and student_size is not None:
-        student_spec = InputSpec(student_spec.mean, student_spec.std, student_size, source=student_spec.source)
+        student_spec = dataclasses.replace(student_spec, size=student_size)
     if student_spec.knows_normalisation != teacher_spec.knows_normalisation:
         logger.warning(
             "the %s's input normalisation is unknown: the teacher sees the student's batches as they are (give "
@@ -222,4 +263,11 @@ def teacher_input_adapter(
         )
     adapter = InputAdapter(student_spec, teacher_spec)
     logger.info("teacher inputs: %s", adapter.describe())
-    return None if adapter.is_identity else adapter
+    if adapter.unadapted:
+        logger.warning(
+            "the teacher was evaluated with other preprocessing than the student's evaluation batches: %s. A batch cannot "
+            "be re-cropped or re-filtered on the device, so the teacher check and the teacher's evaluation score it on "
+            "the student's crop, possibly below its own accuracy (student: %s; teacher: %s); --eval_crop_pct and "
+            "--interpolation set the student's", "; ".join(adapter.unadapted), student_spec.describe(), teacher_spec.describe(),
+        )
+    return None if adapter.is_identity and not adapter.unadapted else adapter

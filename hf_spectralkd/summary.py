@@ -85,7 +85,7 @@ class RunSummary:
     precision: Optional[str] = None
     seed: Optional[int] = None
     # --- results ---
-    teacher_check_accuracy: Optional[float] = None  # top-1 on the first evaluation images, before training
+    teacher_check_accuracy: Optional[float] = None  # top-1 on a class-stratified sample of evaluation images, before training
     teacher_accuracy: Optional[float] = None
     teacher_top5: Optional[float] = None
     student_accuracy: Optional[float] = None

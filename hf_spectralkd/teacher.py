@@ -1,21 +1,21 @@
 """Any teacher for any student: the teacher's label order in the student's terms, and a check that it is any good.
 
-* :func:`teacher_label_order` compares the two ``id2label`` maps by name. The same classes in
-  another order give a gather index for the teacher's logits; different label sets are an error
-  before training (logit distillation compares class distributions). Default names ("0", "1", …,
-  "LABEL_0", …) say nothing about the classes: then only the counts are compared, with a warning.
-  ImageNet synset ids (``n01440764``) and their descriptions (``tench, Tinca tinca``, what
-  transformers' checkpoints and the Hub's ImageNet use) are the same class.
+* :func:`teacher_label_order` compares the two ``id2label`` maps by name (:mod:`.labels`: synsets,
+  descriptions, repeated names). The same classes in another order give a gather index for the
+  teacher's logits; different label sets are an error before training (logit distillation compares
+  class distributions). Default names ("0", "1", …, "LABEL_0", …) say nothing about the classes:
+  then only the counts are compared, with a warning.
 * :func:`run_teacher` runs the frozen teacher on the student's batch: re-normalised and resized for
   the teacher (:class:`~hf_spectralkd.preprocessing.InputAdapter`), logits reordered.
 * :func:`check_teacher` scores the teacher on a few evaluation images before the first step: a
   teacher near chance has the wrong normalisation, label order or weights, and would cost a run.
+  The images are a seeded sample stratified by class (:func:`check_sample`): the first images of an
+  imagefolder or a class-sorted split are all of one class, which a constant predictor gets right.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from itertools import islice
 from typing import Any, Optional, Sequence
 
@@ -24,42 +24,14 @@ from torch import nn
 
 from .errors import ConfigurationError
 from .features import extract_features, feature_forward_kwargs
+from .labels import class_names, match_labels, shown
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_NAME = re.compile(r"^(label_)?\d+$", re.IGNORECASE)
-_SYNSET = re.compile(r"^n\d{8}$")
-
 
 class TeacherCheckError(ConfigurationError):
     """The teacher scores near chance on the evaluation images before training."""
-
-
-def label_names(model: nn.Module) -> Optional[list[str]]:
-    """The model's class names in output order, or ``None`` when they are only default names."""
-    config = getattr(unwrap_model(model), "config", None)
-    id2label = getattr(config, "id2label", None) or {}
-    if not id2label:
-        return None
-    names = [str(id2label[key]) for key in sorted(id2label, key=int)]
-    if all(_DEFAULT_NAME.match(name.strip()) for name in names):
-        return None
-    return [_canonical(name) for name in _synsets_to_descriptions(names)]
-
-
-def _canonical(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).casefold()
-
-
-def _synsets_to_descriptions(names: list[str]) -> list[str]:
-    if not all(_SYNSET.match(name) for name in names):
-        return names
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    descriptions = {info.index_to_label_name(i): info.index_to_description(i) for i in range(info.num_classes())}
-    return [descriptions.get(name, name) for name in names]
 
 
 def _num_labels(model: nn.Module) -> Optional[int]:
@@ -69,10 +41,12 @@ def _num_labels(model: nn.Module) -> Optional[int]:
 def teacher_label_order(student: nn.Module, teacher: nn.Module) -> Optional[torch.Tensor]:
     """Indices ``order`` (``K``) such that ``teacher_logits[:, order]`` are in the student's class order.
 
-    Returns ``None`` when the orders already agree (or nothing says otherwise).
+    Returns ``None`` when the orders already agree (or nothing says otherwise). Names are matched by
+    :func:`~hf_spectralkd.labels.match_labels` (synsets, descriptions, repeated names).
 
     Raises:
-        ConfigurationError: different numbers of classes, or named label sets that differ.
+        ConfigurationError: different numbers of classes, named label sets that differ, or names that
+            repeat when the orders differ.
     """
     n_student, n_teacher = _num_labels(student), _num_labels(teacher)
     if n_student is not None and n_teacher is not None and n_student != n_teacher:
@@ -81,7 +55,7 @@ def teacher_label_order(student: nn.Module, teacher: nn.Module) -> Optional[torc
             "logit distillation needs the same label set (build the student with the teacher's id2label, or use "
             "distillation_type='none' for feature-only distillation)"
         )
-    student_names, teacher_names = label_names(student), label_names(teacher)
+    student_names, teacher_names = class_names(student), class_names(teacher)
     if student_names is None or teacher_names is None:
         logger.warning(
             "the %s has only default class names (0, 1, … or LABEL_0, …): the label orders of teacher and student "
@@ -89,18 +63,17 @@ def teacher_label_order(student: nn.Module, teacher: nn.Module) -> Optional[torc
             "student" if student_names is None else "teacher", n_student,
         )
         return None
-    if student_names == teacher_names:
+    match = match_labels(student_names, teacher_names, "student", "teacher")
+    if match.is_identity:
         return None
-    position = {name: index for index, name in enumerate(teacher_names)}
-    if len(position) != len(teacher_names) or set(position) != set(student_names):
-        missing = [name for name in student_names if name not in position][:3]
+    if match.missing:
         raise ConfigurationError(
-            f"teacher and student have different label sets: the teacher has no class {missing or '…'} of the "
+            f"teacher and student have different label sets: the teacher has no class {shown(match.missing)} of the "
             "student's; logit distillation needs the same classes (use the teacher's id2label for the student and "
             "data, or --distillation_type none for feature-only distillation)"
         )
     logger.info("teacher classes are in another order than the student's: its logits are reordered by name")
-    return torch.tensor([position[name] for name in student_names], dtype=torch.long)
+    return torch.tensor(match.source_index, dtype=torch.long)
 
 
 def run_teacher(
@@ -127,28 +100,67 @@ def run_teacher(
     return logits, maps
 
 
+def _labels_of(samples: Any) -> Optional[list[int]]:
+    """The class of every sample of a map-style dataset, read without decoding an image, or ``None``."""
+    from .data import TransformedImageDataset
+
+    if isinstance(samples, TransformedImageDataset):
+        return [int(label) for label in samples.dataset[samples.label_column]]
+    labels = getattr(samples, "labels", None)
+    if labels is not None and len(labels) == len(samples):
+        return [int(label) for label in labels]
+    return None
+
+
+def check_sample(labels: Sequence[int], count: int, seed: int) -> list[int]:
+    """``min(count, N)`` indices of ``labels`` (``N``), drawn round-robin over the classes in a seeded order,
+    each class's images in a seeded order: as many classes as ``count`` allows, about equally often."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    classes = [sorted(by_class)[i] for i in torch.randperm(len(by_class), generator=generator).tolist()]
+    queues = [[by_class[c][i] for i in torch.randperm(len(by_class[c]), generator=generator).tolist()] for c in classes]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(count, len(labels)):
+        chosen += [queue[depth] for queue in queues if depth < len(queue)][: count - len(chosen)]
+        depth += 1
+    return chosen
+
+
 def check_teacher(
     teacher: nn.Module, samples: Any, count: int, device: torch.device, batch_size: int,
-    inputs: Optional[nn.Module] = None, label_order: Optional[torch.Tensor] = None,
-) -> tuple[float, int]:
-    """Top-1 of the teacher on the first ``count`` samples of ``samples`` (a dataset of samples).
+    inputs: Optional[nn.Module] = None, label_order: Optional[torch.Tensor] = None, seed: int = 0,
+) -> tuple[float, int, int]:
+    """Top-1 of the teacher on ``count`` samples of ``samples`` (a dataset of samples), stratified by class.
 
-    Returns ``(top1, images scored)``.
+    A map-style dataset whose labels can be read without decoding (the recipe's evaluation split) gives
+    :func:`check_sample`'s indices; another map-style dataset a seeded uniform sample; a stream its
+    first ``count`` samples. Returns ``(top1, images scored, classes among them)``.
     """
     from .data import ImageClassificationCollator, pixel_batch
 
     collate = ImageClassificationCollator()  # no mixup: hard labels
     correct = scored = 0
+    classes: set[int] = set()
     if isinstance(samples, torch.utils.data.IterableDataset):
         rows = list(islice(iter(samples), count))
     else:
-        rows = [samples[i] for i in range(min(count, len(samples)))]
+        labels = _labels_of(samples)
+        if labels is not None:
+            indices = check_sample(labels, count, seed)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            indices = torch.randperm(len(samples), generator=generator)[:count].tolist()
+        rows = [samples[i] for i in indices]
     for start in range(0, len(rows), batch_size):
         batch = pixel_batch(collate(rows[start : start + batch_size]), device)  # encoded images: decoded on the device
         logits, _ = run_teacher(teacher, batch["pixel_values"].to(device), (), inputs, label_order)
         correct += int((logits.argmax(-1).cpu() == batch["labels"].cpu()).sum())
         scored += len(batch["labels"])
-    return (correct / scored if scored else float("nan")), scored
+        classes.update(batch["labels"].cpu().tolist())
+    return (correct / scored if scored else float("nan")), scored, len(classes)
 
 
 class TeacherClassifier(nn.Module):
@@ -177,17 +189,28 @@ def teacher_check_threshold(num_classes: int) -> float:
     return min(2.0 / max(num_classes, 1), 0.75)
 
 
-def stop_if_near_chance(top1: float, scored: int, num_classes: int, inputs: Optional[nn.Module] = None) -> None:
-    """Log the teacher check's result and raise :class:`TeacherCheckError` below :func:`teacher_check_threshold`."""
+def stop_if_near_chance(
+    top1: float, scored: int, num_classes: int, inputs: Optional[nn.Module] = None, classes: Optional[int] = None
+) -> None:
+    """Log the teacher check's result and raise :class:`TeacherCheckError` below :func:`teacher_check_threshold`.
+
+    ``classes``: how many classes the scored images cover (a check on one class cannot tell a constant
+    predictor from a good teacher: warned).
+    """
     threshold = teacher_check_threshold(num_classes)
-    logger.info("teacher check: %.1f %% top-1 on the first %d evaluation images (chance %.1f %%)",
-                100 * top1, scored, 100 / num_classes)
+    covered = f" of {classes} classes" if classes is not None else ""
+    logger.info("teacher check: %.1f %% top-1 on %d evaluation images%s (chance %.1f %%)",
+                100 * top1, scored, covered, 100 / num_classes)
+    if classes is not None and classes < min(2, num_classes):
+        logger.warning("teacher check: the %d images scored are all of one class, so a teacher that always answers "
+                       "it would pass; give more --teacher_check_images or an evaluation split with more classes", scored)
     if top1 < threshold:
         adaptation = inputs.describe() if inputs is not None else "none"
         raise TeacherCheckError(
-            f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on the first {scored} evaluation "
-            f"images, below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
-            f"Check its normalisation (input adaptation: {adaptation}; set --teacher_image_mean/--teacher_image_std), "
+            f"teacher_check_images: the teacher scores {100 * top1:.1f} % top-1 on {scored} evaluation images{covered}, "
+            f"below {100 * threshold:.1f} % (twice chance): its inputs or labels do not match the data. "
+            f"Check its normalisation and preprocessing (input adaptation: {adaptation}; set --teacher_image_mean/"
+            "--teacher_image_std), "
             "its label order (its id2label against the dataset's class names) and that the checkpoint is the one "
             "you meant; --teacher_check_images 0 skips this check"
         )

@@ -138,9 +138,17 @@ class SpectralDistillationTrainer(
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         label_order = teacher_label_order(model, teacher) if teacher is not None and args.uses_teacher_logits else None
+        adapter = None
+        if teacher is not None:
+            teacher_inputs = teacher_inputs or input_spec_of(
+                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
+                mean=args.teacher_image_mean, std=args.teacher_image_std,
+            )
+            student_inputs = student_inputs or spec_from_processor(kwargs.get("processing_class"))
+            adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(model))
         # Checked before Trainer.__init__, which may already contact the Hub.
         if layer_map is None:
-            layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs))
+            layer_map = resolve_layer_map(model, teacher, args, _sample_images(args, kwargs), adapter)
         self.layer_map: list[LayerPair] = list(layer_map)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # never pass num_items_in_batch to the student
@@ -153,15 +161,7 @@ class SpectralDistillationTrainer(
             )
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         self.teacher_label_order = label_order
-        self.teacher_inputs: Optional[InputAdapter] = None
-        if teacher is not None:
-            teacher_inputs = teacher_inputs or input_spec_of(
-                teacher, teacher_info.source if teacher_info else None, args.teacher_revision,
-                mean=args.teacher_image_mean, std=args.teacher_image_std,
-            )
-            student_inputs = student_inputs or spec_from_processor(kwargs.get("processing_class"))
-            adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(model))
-            self.teacher_inputs = adapter.to(args.device) if adapter is not None else None
+        self.teacher_inputs: Optional[InputAdapter] = adapter.to(args.device) if adapter is not None else None
         self.summary = summary or RunSummary.describe(
             args, model, teacher, self.layer_map,
             student_source=student_info.source if student_info else None,
@@ -257,7 +257,8 @@ class SpectralDistillationTrainer(
         return engine
 
     def check_teacher(self) -> Optional[float]:
-        """Score the teacher on the first ``args.teacher_check_images`` evaluation images; stop if near chance.
+        """Score the teacher on ``args.teacher_check_images`` evaluation images (a seeded sample stratified by
+        class); stop if near chance.
 
         Returns the top-1 (``None`` when there is nothing to check). Runs through the same input
         adaptation and label order as distillation, so it checks what the KD targets will be.
@@ -266,12 +267,12 @@ class SpectralDistillationTrainer(
         if (args.teacher_check_images <= 0 or self.teacher is None or not args.uses_teacher_logits
                 or self.eval_dataset is None or isinstance(self.eval_dataset, dict)):
             return None
-        top1, scored = check_teacher(
+        top1, scored, classes = check_teacher(
             self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
-            self.teacher_inputs, self.teacher_label_order,
+            self.teacher_inputs, self.teacher_label_order, seed=args.seed,
         )
         self.summary.teacher_check_accuracy = top1
-        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs)
+        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs, classes)
         return top1
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_spectralkd import ConfigurationError
 from hf_spectralkd.analysis import (
     SpectralProfile,
     activation_gradient_magnitude,
@@ -222,7 +223,25 @@ def test_compare_profiles_shape_similarity():
     assert flipped.pearson == pytest.approx(-1.0)
     shallower = compare_profiles(list(np.linspace(0, 1, 12)), list(np.linspace(5, 9, 24)))
     assert shallower.pearson == pytest.approx(1.0) and len(shallower.per_layer_distance) == 12
-    assert math.isnan(compare_profiles([1.0, 1.0], teacher).pearson)
+    assert math.isnan(compare_profiles([1.0, 1.0, 1.0], teacher).pearson)
+
+
+def test_compare_refuses_profiles_too_short_to_have_a_shape(tmp_path, pixel_values, capsys):
+    from helpers import run_and_capture, tiny_vit
+
+    from hf_spectralkd.cli import main
+
+    paths = {}
+    for name, layers, seed in (("student", 2, 0), ("teacher", 2, 1), ("deeper", 3, 2)):
+        spectral_profile(tiny_vit(layers=layers, seed=seed), pixel_values).save(tmp_path / f"{name}.json")
+        paths[name] = str(tmp_path / f"{name}.json")
+    # Two points min-max normalise to 0 and 1, whatever the models: this pair would read "pearson 1, distance 0".
+    code, err = run_and_capture(main, ["compare", paths["student"], paths["teacher"]], capsys)
+    assert code == 2 and "the student profile has 2 layer(s); comparing the shapes of spectral profiles needs at least 3" in err
+    assert "Traceback" not in err
+    code, err = run_and_capture(main, ["compare", paths["deeper"], paths["teacher"]], capsys)
+    assert code == 2 and "the teacher profile has 2 layer(s)" in err
+    assert run_and_capture(main, ["compare", paths["deeper"], paths["deeper"]], capsys)[0] == 0  # 3 layers: compared
 
 
 def test_spectral_dynamics_reach_the_trackers_through_trainer_log(saved_models, imagefolder, tmp_path):
@@ -249,3 +268,72 @@ def test_spectral_dynamics_reach_the_trackers_through_trainer_log(saved_models, 
     assert run_distill.main(tiny_run_args(saved_models, imagefolder, quiet, "--spectral_dynamics_steps", "2")) == 0
     assert not (quiet / "runs").exists()  # report_to none: no tracker files at all
     assert len((quiet / "spectral_dynamics.jsonl").read_text().splitlines()) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# layer_map="auto" proposes only what a run accepts
+# ------------------------------------------------------------------------------------------------
+def _auto_config(tmp_path):
+    from hf_spectralkd import SpectralDistillationConfig
+
+    return SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True,
+                                      disable_tqdm=True, save_strategy="no", eval_strategy="no", layer_map="auto",
+                                      teacher_check_images=0)
+
+
+def _teachers_at_another_input_size():
+    """Teachers whose grid is the student's 4×4 at a larger input: a ViT at 64 px (patch 16), a timm DINOv2 at 56 px."""
+    from helpers import tiny_vit
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig, ViTConfig, ViTForImageClassification
+
+    vit = tiny_vit(num_labels=5, layers=4, seed=1).config.to_dict()
+    yield "vit_64px", ViTForImageClassification(ViTConfig(**{**vit, "image_size": 64, "patch_size": 16}))
+    dinov2 = TimmWrapperConfig(architecture="vit_small_patch14_dinov2", num_labels=5,
+                               model_args={"img_size": 56, "patch_size": 14, "embed_dim": 32, "depth": 4, "num_heads": 2})
+    yield "dinov2_56px", AutoModelForImageClassification.from_config(dinov2)
+
+
+def test_auto_layer_map_profiles_a_teacher_of_another_input_size_on_its_own_inputs(tmp_path):
+    from helpers import SyntheticImageDataset, tiny_vit
+
+    from hf_spectralkd import SpectralDistillationTrainer
+    from hf_spectralkd.features import describe_taps
+
+    for name, teacher in _teachers_at_another_input_size():
+        sizes = []
+        teacher.register_forward_pre_hook(lambda m, a, kw, sizes=sizes: sizes.append(tuple(kw["pixel_values"].shape[-2:])),
+                                          with_kwargs=True)
+        trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=teacher, args=_auto_config(tmp_path),
+                                              train_dataset=SyntheticImageDataset(16))
+        expected = describe_taps(teacher).image_size
+        assert sizes and set(sizes) == {expected}, name  # profiled through the input adapter: the teacher's size
+        assert trainer.layer_map and all(p.student_shape[1:] == p.teacher_shape[1:] == (4, 4) for p in trainer.layer_map)
+
+
+def test_auto_layer_map_and_select_layers_pair_only_equal_grids_with_a_swin_teacher(tmp_path, capsys):
+    from helpers import SyntheticImageDataset, make_imagefolder, tiny_swin, tiny_vit
+
+    from hf_spectralkd import SpectralDistillationTrainer
+    from hf_spectralkd.cli import main
+    from hf_spectralkd.features import describe_taps
+
+    student, teacher = tiny_vit(), tiny_swin()
+    student_grids, teacher_grids = describe_taps(student).grids, describe_taps(teacher).grids
+    shared = [t for t, grid in enumerate(teacher_grids) if grid in student_grids]  # independent: stages a run accepts
+    assert shared == [2] and teacher_grids[0] != student_grids[0]  # 16×16, 8×8, 4×4 against 4×4
+    trainer = SpectralDistillationTrainer(model=student, teacher_model=teacher, args=_auto_config(tmp_path),
+                                          train_dataset=SyntheticImageDataset(16))
+    assert trainer.layer_map and {p.teacher for p in trainer.layer_map} <= set(shared)
+    assert all(student_grids[p.student] == teacher_grids[p.teacher] for p in trainer.layer_map)
+
+    teacher.save_pretrained(tmp_path / "swin")
+    student.config.save_pretrained(tmp_path / "student")
+    data = make_imagefolder(tmp_path / "data", per_class=2, eval_per_class=2)
+    assert main(["select-layers", "--teacher", str(tmp_path / "swin"), "--dataset", data, "--num-images", "4",
+                 "--student", str(tmp_path / "student" / "config.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher_layers: [2]" in printed and "token grids not checked" not in printed
+
+    with pytest.raises(ConfigurationError, match=r"layer_map: 'auto' found no teacher layer with a token grid of the student's "
+                                                 r"\(student grids 4×4; teacher grids 16×16, 8×8\)"):
+        select_layers([1.0, 2.0], 3, student_grids=student_grids, teacher_grids=teacher_grids[:2])

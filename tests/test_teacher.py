@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SyntheticImageDataset, tiny_cait, tiny_vit
+from helpers import SyntheticImageDataset, make_imagefolder, tiny_cait, tiny_vit
 from PIL import Image
-from transformers import ViTConfig, ViTImageProcessor
+from transformers import ConvNextImageProcessor, ViTConfig, ViTImageProcessor
 
 from hf_spectralkd import ConfigurationError, SpectralDistillationConfig, SpectralDistillationTrainer
-from hf_spectralkd.data import DataArguments, build_eval_transform, build_image_processor
+from hf_spectralkd.data import DataArguments, build_eval_transform, build_image_processor, load_image_datasets
 from hf_spectralkd.teacher import TeacherCheckError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -194,7 +195,7 @@ def test_teacher_with_wrong_normalisation_and_label_order_is_stopped_before_step
     # default names that cannot reveal it: either fault alone already costs a whole run.
     trainer = checked_trainer(tmp_path, StripeTeacher(order=[1, 2, 3, 4, 0]), teacher_image_mean=[0.5] * 3,
                               teacher_image_std=[0.5] * 3)
-    with pytest.raises(TeacherCheckError, match=r"the teacher scores \d+\.\d % top-1 on the first 32 evaluation images, "
+    with pytest.raises(TeacherCheckError, match=r"the teacher scores \d+\.\d % top-1 on 32 evaluation images of 5 classes, "
                                                 r"below 40\.0 % \(twice chance\).*normalisation.*label order.*checkpoint"):
         trainer.train()
     assert trainer.state.global_step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
@@ -202,6 +203,76 @@ def test_teacher_with_wrong_normalisation_and_label_order_is_stopped_before_step
         kwargs = {} if fault else {"teacher_image_mean": [0.5] * 3, "teacher_image_std": [0.5] * 3}
         with pytest.raises(TeacherCheckError):
             checked_trainer(tmp_path, StripeTeacher(**fault), **kwargs).train()
+
+
+def test_teacher_with_another_crop_and_filter_is_named_with_both_specs_in_the_check(tmp_path, caplog):
+    # A ConvNeXt-style teacher: evaluated at crop 0.95 with bilinear resizing; the student's batches are cropped at
+    # 0.875 with bicubic resizing. Same normalisation and size: nothing the adapter can change on the device.
+    teacher_dir = tmp_path / "convnext_style"
+    tiny_vit(num_labels=5, seed=5).save_pretrained(teacher_dir)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.95, resample=Image.Resampling.BILINEAR,
+                           image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(teacher_dir)
+    args = config(tmp_path, beta=0.0, student_layers=None, teacher_layers=None, teacher_check_images=32, max_steps=1)
+    with caplog.at_level(logging.INFO, logger="hf_spectralkd.preprocessing"):
+        trainer = SpectralDistillationTrainer(
+            model=tiny_vit(), teacher_model=str(teacher_dir), args=args, train_dataset=SyntheticImageDataset(16),
+            eval_dataset=SyntheticImageDataset(40, seed=1), processing_class=build_image_processor(DataArguments(), 32))
+    both = "crop_pct 0.875 (student) vs 0.95 (teacher), interpolation bicubic (student) vs bilinear (teacher)"
+    assert both in caplog.text and "teacher inputs: none" not in caplog.text
+    assert "student: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), 32×32, crop_pct 0.875, bicubic" in caplog.text
+    assert "teacher: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), 32×32, crop_pct 0.95, bilinear" in caplog.text
+    received = record_teacher_inputs(trainer.teacher)
+    batch = torch.randn(2, 3, 32, 32)
+    trainer.compute_loss(trainer.model.train(), {"pixel_values": batch, "labels": torch.tensor([0, 1])})
+    assert received[0] is batch  # nothing is computed on the batch
+    with pytest.raises(TeacherCheckError, match=re.escape(f"input adaptation: not adapted: {both}")):
+        trainer.train()  # a random teacher: near chance, and the message names the preprocessing it could not adapt
+
+
+class ConstantTeacher(torch.nn.Module):
+    """Always answers class 0, whatever it sees."""
+
+    def __init__(self, num_labels: int = 3):
+        super().__init__()
+        self.config = ViTConfig(image_size=32, patch_size=8, num_labels=num_labels)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_values, **_):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = torch.zeros(len(pixel_values), self.config.num_labels)
+        logits[:, 0] = 1.0
+        return ImageClassifierOutput(logits=logits + 0 * self.dummy)
+
+
+def test_a_constant_teacher_fails_the_check_on_a_class_sorted_imagefolder(tmp_path, caplog):
+    # An imagefolder lists its images class by class: its first 20 evaluation images are all of class 'a'.
+    folder = make_imagefolder(tmp_path / "data", per_class=2, eval_per_class=24)
+    data = load_image_datasets(DataArguments(dataset=folder, auto_augment="none", reprob=0.0), 32)
+    assert {data.eval[i]["labels"] for i in range(20)} == {0}
+    args = config(tmp_path, beta=0.0, student_layers=None, teacher_layers=None, teacher_check_images=20, max_steps=1)
+    trainer = SpectralDistillationTrainer(model=tiny_vit(num_labels=3), teacher_model=ConstantTeacher(), args=args,
+                                          train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
+                                          processing_class=data.image_processor)
+    with caplog.at_level(logging.INFO, logger="hf_spectralkd.teacher"), pytest.raises(
+            TeacherCheckError, match=r"scores 3\d\.\d % top-1 on 20 evaluation images of 3 classes, below 66\.7 %"):
+        trainer.train()
+    assert "teacher check: 3" in caplog.text and "on 20 evaluation images of 3 classes" in caplog.text
+    assert trainer.state.global_step == 0
+
+
+def test_check_sample_is_seeded_and_stratified_by_class():
+    from hf_spectralkd.teacher import check_sample
+
+    labels = [0] * 30 + [1] * 5 + [2] * 50 + [3] * 2  # sorted by class, unbalanced
+    sample = check_sample(labels, 12, seed=7)
+    assert sample == check_sample(labels, 12, seed=7) and sample != check_sample(labels, 12, seed=8)
+    assert len(set(sample)) == 12
+    counts = np.bincount([labels[i] for i in sample], minlength=4)
+    assert counts[3] == 2 and counts.sum() == 12  # class 3 has only 2 images: the others share the rest evenly
+    assert max(counts[:3]) - min(counts[:3]) <= 1
+    assert sorted(check_sample(labels, 1000, seed=0)) == list(range(len(labels)))  # never more than there are
+    assert len({labels[i] for i in check_sample(labels, 3, seed=0)}) == 3  # as many classes as the count allows
 
 
 # ------------------------------------------------------------------------------------------------

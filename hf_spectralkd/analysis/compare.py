@@ -5,6 +5,10 @@ their ``ℓ`` curves are compared by shape: both are placed on a relative-depth 
 ``n`` at ``i/(n-1)``), the teacher curve is linearly interpolated at the student's depths, and each
 curve is min-max normalised to [0, 1]. The paper's Fig. 1 claim, that a SpectralKD student mirrors
 its teacher's U shape, reads as a high Pearson correlation and a small mean distance.
+
+A curve needs :data:`MIN_LAYERS` points to have a shape: two points min-max normalise to 0 and 1
+whatever their values, so any two 2-layer curves compare as identical (Pearson 1, distance 0) or
+opposite (Pearson -1, distance 1). Such profiles are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from ..errors import ConfigurationError
 from .spectrum import SpectralProfile
+
+#: Fewest layers a profile needs for its shape to be compared.
+MIN_LAYERS = 3
 
 Curve = Union[SpectralProfile, Sequence[float]]
 
@@ -59,8 +67,19 @@ def min_max(values: np.ndarray) -> np.ndarray:
 
 
 def compare_profiles(student: Curve, teacher: Curve) -> ProfileComparison:
-    """Compare a student's ``ℓ`` curve with its teacher's (see the module docstring)."""
+    """Compare a student's ``ℓ`` curve with its teacher's (see the module docstring).
+
+    Raises:
+        ConfigurationError: a curve of fewer than :data:`MIN_LAYERS` layers.
+    """
     student_l, teacher_l = _intensity(student), _intensity(teacher)
+    for side, values in (("student", student_l), ("teacher", teacher_l)):
+        if values.size < MIN_LAYERS:
+            raise ConfigurationError(
+                f"the {side} profile has {values.size} layer(s); comparing the shapes of spectral profiles needs at "
+                f"least {MIN_LAYERS} (with 2, min-max normalisation makes any two curves identical or opposite: Pearson "
+                "±1, distance 0 or 1). Compare the per-layer intensities in profile.json directly"
+            )
     teacher_on_student = np.interp(relative_depth(len(student_l)), relative_depth(len(teacher_l)), teacher_l)
     s_norm, t_norm = min_max(student_l), min_max(teacher_on_student)
     if s_norm.size > 1 and s_norm.std() > 0 and t_norm.std() > 0:

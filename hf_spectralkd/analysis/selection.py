@@ -16,6 +16,10 @@ a rule:
    paper's default shape is used instead: ``k = ⌈2S/3⌉`` pairs, a quarter of them at the start and the
    rest at the end.
 4. **Hierarchical models** (Swin) are paired stage by stage, as the paper does for Swin-T ← Swin-S.
+5. **Equal grids.** Given both models' token grids, a pair is only proposed on equal grids (a run
+   rejects any other): a pair whose grids differ moves to the nearest free student layer with the
+   teacher layer's grid, or is dropped. A ViT student of a Swin teacher is thus paired with the
+   stage whose grid it shares.
 
 Monotone profiles therefore select the end where the intensity is high: an increasing curve maps
 the student's layers onto the teacher's last ones, a decreasing one onto its first ones.
@@ -27,7 +31,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from ..errors import ConfigurationError
 from .spectrum import SpectralProfile
+
+Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ def select_layers(
     student_num_layers: int,
     k: Optional[int] = None,
     flat_tolerance: float = 0.05,
+    student_grids: Optional[Sequence[Grid]] = None,
+    teacher_grids: Optional[Sequence[Grid]] = None,
 ) -> LayerSelection:
     """Propose a student↔teacher layer map from the teacher's ``ℓ`` curve (rule in the module docstring).
 
@@ -71,7 +80,55 @@ def select_layers(
         student_num_layers: number of student blocks (Swin: stages).
         k: maximum number of pairs; default ``student_num_layers``.
         flat_tolerance: relative spread below which the profile counts as flat.
+        student_grids, teacher_grids: ``(H, W)`` token grid of every layer (``TapInfo.grids``); when both are
+            given, only pairs on equal grids are proposed (rule 5).
+
+    Raises:
+        ConfigurationError: with grids, when no teacher layer has a grid of the student's.
     """
+    selection = _select_by_profile(teacher_profile, student_num_layers, k, flat_tolerance)
+    if student_grids is None or teacher_grids is None:
+        return selection
+    return _on_equal_grids(selection, list(student_grids), list(teacher_grids))
+
+
+def _grid_text(grids: Sequence[Grid]) -> str:
+    return ", ".join(f"{h}×{w}" for h, w in dict.fromkeys(tuple(g) for g in grids))
+
+
+def _on_equal_grids(selection: LayerSelection, student_grids: list[Grid], teacher_grids: list[Grid]) -> LayerSelection:
+    student_grids, teacher_grids = [tuple(g) for g in student_grids], [tuple(g) for g in teacher_grids]
+    pairs: dict[int, int] = {}  # student layer -> teacher layer
+    moved = []
+    for s, t in zip(selection.student_layers, selection.teacher_layers):
+        if student_grids[s] == teacher_grids[t] and s not in pairs:
+            pairs[s] = t
+        else:
+            moved.append((s, t))
+    dropped = 0
+    for s, t in moved:
+        free = [c for c in range(len(student_grids)) if student_grids[c] == teacher_grids[t] and c not in pairs]
+        if free:
+            pairs[min(free, key=lambda c: (abs(c - s), c))] = t
+        else:
+            dropped += 1
+    if not pairs:
+        raise ConfigurationError(
+            f"layer_map: 'auto' found no teacher layer with a token grid of the student's (student grids "
+            f"{_grid_text(student_grids)}; teacher grids {_grid_text(teacher_grids)}): paired layers need the same "
+            "grid. Use a teacher with the student's grid, or distil logits only (--beta 0)"
+        )
+    rule = selection.rule
+    if moved:
+        rule += f"; on equal token grids only ({len(moved) - dropped} pair(s) moved, {dropped} dropped)"
+    order = sorted(pairs)
+    return LayerSelection(order, [pairs[s] for s in order], rule)
+
+
+def _select_by_profile(
+    teacher_profile: Union[SpectralProfile, Sequence[float]], student_num_layers: int, k: Optional[int],
+    flat_tolerance: float,
+) -> LayerSelection:
     if isinstance(teacher_profile, SpectralProfile):
         intensity, family = list(teacher_profile.intensity), teacher_profile.family
         if teacher_profile.layers != list(range(len(intensity))):

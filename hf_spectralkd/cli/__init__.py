@@ -31,6 +31,7 @@ def _select_layers(options) -> int:
     from ..models import load_model
     from .images import load_images, preprocess
 
+    teacher_grids = None
     if options.teacher_profile:
         profile = SpectralProfile.load(options.teacher_profile, argument="teacher-profile")
     else:
@@ -40,18 +41,24 @@ def _select_layers(options) -> int:
             raise ConfigurationError(f"batch-size: must be positive, got {options.batch_size}")
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = load_model(options.teacher, argument="teacher", revision=options.revision, trust_remote_code=options.trust_remote_code)
+        teacher_grids = describe_taps(loaded.model).grids
         images, _ = load_images(options.dataset, options.split, options.num_images, "balanced", options.image_column,
                                 options.label_column, options.streaming)
         pixel_values = preprocess(images, loaded.model, options.teacher if loaded.kind == "pretrained" else None, options.revision)
         profile = spectral_profile(loaded.model.to(device).eval(), pixel_values.to(device), batch_size=options.batch_size,
                                    progress=True, model_name=options.teacher)
+    student_grids = None
     if options.student_depth is not None:
         student_depth = options.student_depth
     elif options.student:
-        student_depth = describe_taps(load_model(options.student, argument="student", from_scratch=True).model).num_layers
+        student_taps = describe_taps(load_model(options.student, argument="student", from_scratch=True).model)
+        student_depth, student_grids = student_taps.num_layers, student_taps.grids
     else:
         raise ConfigurationError("select-layers: give --student (model or architecture) or --student-depth N")
-    selection = select_layers(profile, student_depth, k=options.k)
+    # A run accepts pairs on equal token grids only: checked when both models are known.
+    selection = select_layers(profile, student_depth, k=options.k, student_grids=student_grids, teacher_grids=teacher_grids)
+    if student_grids is None or teacher_grids is None:
+        print("# token grids not checked: give --teacher and --student for a map a run accepts")
     print(f"# {selection.rule}")
     print(f"# teacher ℓ per layer: [{', '.join(f'{v:.4g}' for v in profile.intensity)}]")
     print(f"student_layers: [{', '.join(map(str, selection.student_layers))}]")

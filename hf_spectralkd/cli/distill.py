@@ -336,8 +336,9 @@ def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, la
     return "\n".join(lines)
 
 
-def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> dict[str, Any]:
-    """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity.
+def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> Optional[dict[str, Any]]:
+    """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity (``None``, with a
+    warning, when a profile has too few layers to compare).
 
     Skipped under DeepSpeed ZeRO-3, where neither model's parameters are whole on any one process.
     """
@@ -351,7 +352,11 @@ def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, te
     student_profile = spectral_profile(student_model, pixel_values.to(device), model_name="student")
     teacher_pixels = pixel_values.to(device) if teacher_inputs is None else teacher_inputs(pixel_values.to(device))
     teacher_profile = spectral_profile(teacher.to(device), teacher_pixels, model_name="teacher")
-    comparison = compare_profiles(student_profile, teacher_profile)
+    try:
+        comparison = compare_profiles(student_profile, teacher_profile)
+    except ConfigurationError as error:  # too few layers for a shape: the run itself is fine
+        logger.warning("spectral profiles not compared: %s", error)
+        return None
     # Every rank computed (cheap, collective-free) and logs; the trackers write on the main process.
     trainer.log({"spectral/final_pearson_to_teacher": comparison.pearson,
                  "spectral/final_distance_to_teacher": comparison.mean_abs_distance})
@@ -458,10 +463,11 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
 
     profile_count = max(model_args.profile_images, 32 if model_args.spectral_dynamics_steps else 0)
     profile_batch = first_images(data.eval, profile_count)
-    auto_batch = None
-    if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images
+    auto_batch = auto_inputs = None
+    if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images, as it will see them
         auto_batch = profile_batch[:32] if profile_batch is not None else first_images(data.eval or data.train, 32)
-    layer_map = resolve_layer_map(student.model, teacher.model if teacher else None, args, auto_batch)
+        auto_inputs = teacher_input_adapter(student_spec, teacher_spec, configured_size(student.model)) if teacher else None
+    layer_map = resolve_layer_map(student.model, teacher.model if teacher else None, args, auto_batch, auto_inputs)
     summary = RunSummary.describe(
         args, student.model, teacher.model if teacher else None, layer_map,
         student_source=student.source, student_kind=student.kind,
