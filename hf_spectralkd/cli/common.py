@@ -25,6 +25,29 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(key)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding a key twice (PyYAML keeps the last one without a word:
+    a second ``alpha:`` further down a config silently overrides the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKeyError(key, first[key], line)
+                first[key] = line
+            except TypeError:  # an unhashable key: construct_mapping below reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a YAML (or JSON) mapping of option → value, following ``base: other.yaml`` chains.
 
@@ -53,9 +76,13 @@ def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
             f"config: '{path}' is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); save it as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigurationError(f"config: '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+    except _DuplicateKeyError as error:
+        raise ConfigurationError(
+            f"config: '{path}' sets {error.key!r} twice (lines {error.first_line} and {error.second_line}); keep one"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"config: '{path}' must hold a mapping of option: value, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -42,7 +42,6 @@ from ..data import (
     steps_for_epochs,
 )
 from ..errors import ConfigurationError
-from ..features import describe_taps
 from ..integrity import damaged
 from ..layer_map import format_layer_map, resolve_layer_map
 from ..models import (
@@ -52,7 +51,14 @@ from ..models import (
     load_model,
     model_license,
 )
-from ..preprocessing import InputSpec, configured_size, input_spec_of, spec_from_processor, teacher_input_adapter
+from ..preprocessing import (
+    InputSpec,
+    configured_size,
+    input_spec_of,
+    spec_from_processor,
+    student_image_size,
+    teacher_input_adapter,
+)
 from ..summary import RunSummary, write_json_atomic
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
@@ -425,7 +431,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
             data_args, input_spec_of(student.model, student.source, model_args.student_revision, token)
         )
         raw.args = data_args
-    image_size = data_args.image_size or describe_taps(student.model).image_size[0]
+    image_size = student_image_size(student.model, data_args.image_size)
     with args.main_process_first(desc="stream layout"):  # remote footers are read, or shards counted, once
         data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor, cache_dir=args.output_dir)
     processor = data.image_processor
@@ -523,9 +529,11 @@ def _evaluate_only(model_args, data_args, args, student, teacher, data, raw, pro
     from ..teacher import teacher_label_order
 
     data_labels = _LabelsOnly(raw.id2label)
+    _check_scored_classes("student", student.model, raw.id2label, data_args.dataset)
     student_order = teacher_label_order(data_labels, student.model)  # the student's classes in the data's order
     teacher_inputs, teacher_order = None, None
     if teacher is not None:
+        _check_scored_classes("teacher", teacher.model, raw.id2label, data_args.dataset)
         teacher_order = teacher_label_order(data_labels, teacher.model)
         adapter = teacher_input_adapter(student_spec, teacher_spec, configured_size(student.model))
         teacher_inputs = adapter.to(args.device) if adapter is not None else None
@@ -556,6 +564,17 @@ def _evaluate_only(model_args, data_args, args, student, teacher, data, raw, pro
         print(f"results → {results_file}: {json.dumps({'student_accuracy': summary.student_accuracy, 'teacher_accuracy': summary.teacher_accuracy})}",
               flush=True)
     return 0
+
+
+def _check_scored_classes(argument: str, model, id2label: dict[int, str], dataset: str) -> None:
+    """An evaluated model must predict the data's classes: the count is compared here, before
+    :func:`~hf_spectralkd.teacher.teacher_label_order` (whose message speaks of a teacher and a student) matches names."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is not None and num_labels != len(id2label):
+        raise ConfigurationError(
+            f"{argument}: the {argument} predicts {num_labels} classes but dataset '{dataset}' has {len(id2label)}; "
+            f"evaluate it on the data set it was trained for (or a --{argument} trained on these {len(id2label)} classes)"
+        )
 
 
 class _LabelsOnly:
