@@ -59,12 +59,13 @@ from ..preprocessing import (
     student_image_size,
     teacher_input_adapter,
 )
-from ..summary import RunSummary, write_json_atomic
+from ..summary import RunSummary
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
 from .common import (
     check_config_values,
     check_output_dir,
+    clear_previous_run,
     close_process_group,
     exit_on_error,
     read_config_file,
@@ -385,6 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
     lock = acquire_run_lock(args.distributed_state, args.output_dir)
     try:
+        if args.overwrite_output_dir and lock is not None:  # the main process, now sure no other run uses the folder
+            clear_previous_run(args.output_dir)
         code = _run(model_args, data_args, args, resume, started)
     finally:
         if lock is not None:
@@ -486,8 +489,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
                                                       every_n_steps=model_args.spectral_dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(summary, args, data, layer_map), flush=True)
-        resolved = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": args.to_dict()}
-        write_json_atomic(os.path.join(args.output_dir, "run_config.json"), resolved)
+    # run_config.json: written by train() once a resumed checkpoint is known to belong to this run
+    trainer.record_run(model=model_args, data=data_args)
 
     train_result = trainer.train(resume_from_checkpoint=resume)
     if trainer.state.max_steps and trainer.state.global_step < trainer.state.max_steps:
