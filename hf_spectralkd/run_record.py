@@ -3,8 +3,8 @@
 A run's record (``run_config.json``) holds every resolved option by section (``model``, ``data``,
 ``training``, as the recipe gives them), the number of processes (``launch``) and the student's
 architecture (``student_config``). :class:`RunRecordMixin` (mixed into the trainer) writes it into
-the output folder when training starts and into every checkpoint, so the record travels with a
-checkpoint that is copied elsewhere.
+every checkpoint, so the record travels with a checkpoint that is copied elsewhere, and, for a
+recipe run, into the output folder when training starts.
 
 Before a resumed run trains, :meth:`RunRecordMixin.check_resume` compares the checkpoint's record
 with the new run's, field by field, and refuses the checkpoint with one line naming every field
@@ -188,7 +188,9 @@ class RunRecordMixin:
 
     def check_resume(self, checkpoint: Optional[str]) -> None:
         """Raise :class:`~hf_spectralkd.errors.ConfigurationError` when resuming from ``checkpoint`` would continue
-        another run, or would not train at all; then write this run's record into the output folder."""
+        another run, or would not train at all; then, for a run described by :meth:`record_run` (the recipe's), write
+        its record into the output folder (the Python API's folder holds what it held before: the record is in each
+        checkpoint, which ``push_to_hub`` leaves out, and not beside the student it uploads)."""
         if checkpoint:
             check_same_run(checkpoint, self.run_record())
             state, problem = read_json(Path(checkpoint) / TRAINER_STATE_FILE)
@@ -197,7 +199,7 @@ class RunRecordMixin:
                 problem = resume_length_problem(checkpoint, state["global_step"], state.get("max_steps"), max_steps, epochs)
                 if problem:
                     raise ConfigurationError(problem)
-        if self.is_world_process_zero():
+        if self._record_sections is not None and self.is_world_process_zero():  # a recipe run: its folder's record
             from .summary import write_json_atomic
 
             os.makedirs(self.args.output_dir, exist_ok=True)
