@@ -292,6 +292,7 @@ class SpectralDistillationConfig(TrainingArguments):
             raise ConfigurationError(
                 f"nonfinite_check_interval must be a number of steps >= 0, got {self.nonfinite_check_interval!r}"
             )
+        self._check_step_counts()
         _check_number("min_lr", self.min_lr, 0.0)
         _check_number("warmup_lr", self.warmup_lr, 0.0)
         _check_number("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
@@ -325,6 +326,27 @@ class SpectralDistillationConfig(TrainingArguments):
         if getattr(self.accelerator_config, "dispatch_batches", None) is None:
             self.accelerator_config.dispatch_batches = False
 
+    def _check_step_counts(self) -> None:
+        """Batch sizes, accumulation, workers and the length of training: values torch or the Trainer would take
+        without a word (a 0-step run that saves a card, an epoch-based run for ``max_steps 0``) or fail on deep
+        inside (a division by zero, a ``DataLoader`` error)."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _check_count(name, getattr(self, name), 1, "a positive integer")
+        _check_count("dataloader_num_workers", self.dataloader_num_workers, 0,
+                     "a number of DataLoader worker processes >= 0 (0 loads in the training process)")
+        if not self.do_train:
+            return  # evaluation alone: the length of training does not matter
+        if self.max_steps == 0:
+            raise ConfigurationError(
+                "max_steps must be a positive number of optimizer steps, or -1 to train for --num_train_epochs; "
+                "got 0 (a run of 0 steps would save an untrained student)"
+            )
+        if self.max_steps < 0 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ConfigurationError(
+                f"num_train_epochs must be a positive number of epochs, got {self.num_train_epochs} (or pass --max_steps "
+                "N to train N optimizer steps)"
+            )
+
     @property
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
@@ -340,6 +362,11 @@ class SpectralDistillationConfig(TrainingArguments):
     @property
     def needs_teacher(self) -> bool:
         return self.uses_teacher_logits or self.uses_features
+
+
+def _check_count(name: str, value: Any, minimum: int, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be {expected}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: Any) -> None:

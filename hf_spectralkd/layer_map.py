@@ -67,6 +67,16 @@ def build_layer_map(
             f"student_layers and teacher_layers must have the same length: got {list(student_layers)} "
             f"({len(student_layers)}) and {list(teacher_layers)} ({len(teacher_layers)})"
         )
+    pairs_given = list(zip(student_layers, teacher_layers))
+    repeated = sorted({pair for pair in pairs_given if pairs_given.count(pair) > 1})
+    if repeated:
+        # The feature loss averages over pairs: a repeated pair would silently weigh that layer twice.
+        s, t = repeated[0]
+        raise ConfigurationError(
+            f"student_layers/teacher_layers: the pair student {s} ↔ teacher {t} is given "
+            f"{pairs_given.count(repeated[0])} times (positions {[i for i, p in enumerate(pairs_given) if p == (s, t)]}); "
+            "give each pair once"
+        )
     student_taps, teacher_taps = describe_taps(student), describe_taps(teacher)
     check_layer_indices(student_layers, student_taps, "student_layers")
     check_layer_indices(teacher_layers, teacher_taps, "teacher_layers")

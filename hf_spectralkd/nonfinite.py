@@ -11,6 +11,7 @@ after a non-finite loss, whatever the interval.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -64,7 +65,19 @@ class NonFiniteWatch:
             else f"Detected at step {detected_at} (checked at each log and before each checkpoint; "
             "--nonfinite_check_interval 1 checks every step); no checkpoint was written after it"
         )
-        raise NonFiniteLossError(
-            f"non-finite loss at step {first}: {terms or 'on another process'}. {when}; the last checkpoint in "
-            f"{output_dir} is intact. Lower the learning rate, check the inputs, or resume from the last checkpoint."
+        last = _last_checkpoint(output_dir)
+        kept = (
+            f"the last checkpoint, {os.path.basename(last)} in {output_dir}, is intact. Lower the learning rate, check "
+            "the inputs, or resume from it"
+            if last else
+            f"no checkpoint was written before it (nothing in {output_dir} to resume from). Lower the learning rate or "
+            "check the inputs, and start again"
         )
+        raise NonFiniteLossError(f"non-finite loss at step {first}: {terms or 'on another process'}. {when}; {kept}.")
+
+
+def _last_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` folder of ``output_dir``, or ``None`` (the run stopped before its first save)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None

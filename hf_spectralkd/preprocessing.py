@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigurationError
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,37 @@ def configured_size(model: nn.Module) -> Optional[tuple[int, int]]:
     if size is None:
         return None
     return (int(size[0]), int(size[-1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def student_image_size(model: nn.Module, image_size: Optional[int]) -> int:
+    """The side of the square images the student is fed: ``image_size`` (``--image_size``) or its configured size.
+
+    Raises :class:`~hf_spectralkd.errors.ConfigurationError` when ``image_size`` is not the configured size: the
+    students' position embeddings are built for that grid and the models refuse other inputs.
+    """
+    size = configured_size(model)
+    if size is None:
+        if image_size is not None:
+            return image_size
+        from .features import describe_taps  # names the supported families when the model is none of them
+
+        return describe_taps(model).image_size[0]
+    if image_size is None:
+        return size[0]
+    if image_size == size[0] == size[1]:
+        return image_size
+    config = getattr(unwrap_model(model), "config", None)
+    patch = getattr(config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    built = f"{size[0]}×{size[1]}"
+    if isinstance(patch, int) and image_size % patch:
+        reason = f"does not divide into the student's {patch}-pixel patches (it is built for {built} images)"
+    else:
+        reason = f"differs from the {built} images the student is built for (its position embeddings have that grid)"
+    raise ConfigurationError(
+        f"image_size: {image_size} {reason}; leave --image_size unset to use {size[0]}, or give a student built for "
+        f"{image_size} (image_size in its config)"
+    )
 
 
 def input_spec_of(

@@ -67,6 +67,7 @@ from .preprocessing import (
     spec_from_processor,
     teacher_input_adapter,
 )
+from .run_record import RunRecordMixin
 from .summary import RunSummary
 from .teacher import check_teacher, run_teacher, stop_if_near_chance, teacher_label_order
 
@@ -74,8 +75,8 @@ logger = logging.getLogger(__name__)
 
 
 class SpectralDistillationTrainer(
-    ModelCardMixin, ImageCountsMixin, AtomicCheckpointMixin, DataOrderMixin, DeiTOptimizationMixin, DecodeOnDeviceMixin,
-    Trainer,
+    ModelCardMixin, RunRecordMixin, ImageCountsMixin, AtomicCheckpointMixin, DataOrderMixin, DeiTOptimizationMixin,
+    DecodeOnDeviceMixin, Trainer,
 ):
     """Distil ``model`` (the student) from ``teacher_model`` with the SpectralKD objective.
 
@@ -279,11 +280,13 @@ class SpectralDistillationTrainer(
         """``Trainer.train`` holding the output folder's lock; a resumed stream starts at its resume point itself.
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies (a damaged
-        newer one is skipped with a warning); the Trainer and the stream get that path.
+        newer one is skipped with a warning); the Trainer and the stream get that path. A checkpoint of a
+        run configured differently, or one at or past ``max_steps``, is refused first (:meth:`check_resume`).
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir)
         checkpoint = resume_from_checkpoint
+        self.check_resume(checkpoint)  # another run's checkpoint, or nothing left to train: refused before any step
         self._restore_image_counts(checkpoint)
         dataset = self.train_dataset
         if hasattr(dataset, "fast_forward"):

@@ -26,6 +26,29 @@ EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(key)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding a key twice (PyYAML keeps the last one without a word:
+    a second ``alpha:`` further down a config silently overrides the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKeyError(key, first[key], line)
+                first[key] = line
+            except TypeError:  # an unhashable key: construct_mapping below reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a YAML (or JSON) mapping of option → value, following ``base: other.yaml`` chains.
 
@@ -54,9 +77,13 @@ def read_config_file(path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
             f"config: '{path}' is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); save it as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigurationError(f"config: '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+    except _DuplicateKeyError as error:
+        raise ConfigurationError(
+            f"config: '{path}' sets {error.key!r} twice (lines {error.first_line} and {error.second_line}); keep one"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"config: '{path}' must hold a mapping of option: value, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -198,6 +225,11 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: st
         raise ConfigurationError(f"{argument}: '{output_dir}' is inside a file ('{probe_dir}'), not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise ConfigurationError(f"{argument}: '{output_dir}' is not writable (no write permission on '{probe_dir}')")
+    if overwrite and resume and Path(resume).resolve().is_relative_to(path.resolve()):
+        raise ConfigurationError(
+            f"overwrite_output_dir: true would delete the checkpoint resumed from ('{resume}'); drop "
+            "--overwrite_output_dir to continue that run, or drop --resume_from_checkpoint to start over"
+        )
     if path.is_dir() and not overwrite and not resume:
         previous = sorted(p.name for p in path.iterdir() if p.name.startswith("checkpoint-") or p.name == "trainer_state.json")
         if previous:
@@ -206,6 +238,45 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: st
                 "--resume_from_checkpoint true to continue it, --overwrite_output_dir true to start over, or choose "
                 "another --output_dir"
             )
+
+
+#: What a finished or interrupted run leaves in its output folder beside its checkpoints: the final student, its
+#: card and the run's records. ``--overwrite_output_dir`` removes them with the checkpoints, so that neither a resume
+#: nor a reader of the folder can take the previous run for the new one.
+PREVIOUS_RUN_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json", "README.md",
+    "training_args.bin", "trainer_state.json", "results.json", "run_config.json", "all_results.json",
+    "train_results.json", "eval_results.json", "spectral_profiles.json", "spectral_profiles.png",
+    "spectral_dynamics.jsonl",
+)
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Delete the previous run of ``output_dir`` (``--overwrite_output_dir true``): its ``checkpoint-*`` folders, an
+    unfinished save and :data:`PREVIOUS_RUN_FILES`. Call it holding the folder's lock. Returns what was removed.
+
+    Without it a new run kept the old run's newer checkpoints, and a later ``--resume_from_checkpoint true``
+    continued the *old* run's weights under the new run's name.
+    """
+    import re
+    import shutil
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in sorted(root.iterdir()):
+        folder = entry.is_dir() and not entry.is_symlink()
+        if folder and (re.fullmatch(r"checkpoint-\d+", entry.name) or entry.name == ".checkpoint-staging"):
+            shutil.rmtree(entry)
+        elif entry.name in PREVIOUS_RUN_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", entry.name):
+            entry.unlink()
+        else:
+            continue
+        removed.append(entry.name)
+    if removed:
+        logger.warning("overwrite_output_dir: removed the previous run from '%s': %s", output_dir, ", ".join(removed))
+    return removed
 
 
 def close_process_group() -> None:

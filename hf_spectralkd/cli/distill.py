@@ -42,7 +42,6 @@ from ..data import (
     steps_for_epochs,
 )
 from ..errors import ConfigurationError
-from ..features import describe_taps
 from ..integrity import damaged
 from ..layer_map import format_layer_map, resolve_layer_map
 from ..models import (
@@ -52,13 +51,21 @@ from ..models import (
     load_model,
     model_license,
 )
-from ..preprocessing import InputSpec, configured_size, input_spec_of, spec_from_processor, teacher_input_adapter
-from ..summary import RunSummary, write_json_atomic
+from ..preprocessing import (
+    InputSpec,
+    configured_size,
+    input_spec_of,
+    spec_from_processor,
+    student_image_size,
+    teacher_input_adapter,
+)
+from ..summary import RunSummary
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
 from .common import (
     check_config_values,
     check_output_dir,
+    clear_previous_run,
     close_process_group,
     exit_on_error,
     read_config_file,
@@ -384,6 +391,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
     lock = acquire_run_lock(args.distributed_state, args.output_dir)
     try:
+        if args.overwrite_output_dir and lock is not None:  # the main process, now sure no other run uses the folder
+            clear_previous_run(args.output_dir)
         code = _run(model_args, data_args, args, resume, started)
     finally:
         if lock is not None:
@@ -430,7 +439,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
             data_args, input_spec_of(student.model, student.source, model_args.student_revision, token)
         )
         raw.args = data_args
-    image_size = data_args.image_size or describe_taps(student.model).image_size[0]
+    image_size = student_image_size(student.model, data_args.image_size)
     with args.main_process_first(desc="stream layout"):  # remote footers are read, or shards counted, once
         data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor, cache_dir=args.output_dir)
     processor = data.image_processor
@@ -486,8 +495,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
                                                       every_n_steps=model_args.spectral_dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(summary, args, data, layer_map), flush=True)
-        resolved = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": args.to_dict()}
-        write_json_atomic(os.path.join(args.output_dir, "run_config.json"), resolved)
+    # run_config.json: written by train() once a resumed checkpoint is known to belong to this run
+    trainer.record_run(model=model_args, data=data_args)
 
     train_result = trainer.train(resume_from_checkpoint=resume)
     if trainer.preempted_at_step is not None:
@@ -531,9 +540,11 @@ def _evaluate_only(model_args, data_args, args, student, teacher, data, raw, pro
     from ..teacher import teacher_label_order
 
     data_labels = _LabelsOnly(raw.id2label)
+    _check_scored_classes("student", student.model, raw.id2label, data_args.dataset)
     student_order = teacher_label_order(data_labels, student.model)  # the student's classes in the data's order
     teacher_inputs, teacher_order = None, None
     if teacher is not None:
+        _check_scored_classes("teacher", teacher.model, raw.id2label, data_args.dataset)
         teacher_order = teacher_label_order(data_labels, teacher.model)
         adapter = teacher_input_adapter(student_spec, teacher_spec, configured_size(student.model))
         teacher_inputs = adapter.to(args.device) if adapter is not None else None
@@ -564,6 +575,17 @@ def _evaluate_only(model_args, data_args, args, student, teacher, data, raw, pro
         print(f"results → {results_file}: {json.dumps({'student_accuracy': summary.student_accuracy, 'teacher_accuracy': summary.teacher_accuracy})}",
               flush=True)
     return 0
+
+
+def _check_scored_classes(argument: str, model, id2label: dict[int, str], dataset: str) -> None:
+    """An evaluated model must predict the data's classes: the count is compared here, before
+    :func:`~hf_spectralkd.teacher.teacher_label_order` (whose message speaks of a teacher and a student) matches names."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is not None and num_labels != len(id2label):
+        raise ConfigurationError(
+            f"{argument}: the {argument} predicts {num_labels} classes but dataset '{dataset}' has {len(id2label)}; "
+            f"evaluate it on the data set it was trained for (or a --{argument} trained on these {len(id2label)} classes)"
+        )
 
 
 class _LabelsOnly:

@@ -112,6 +112,12 @@ class DataArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name}: expected a positive integer, got {value!r}")
+        # Unset (None) means the whole split, or the student's own size; 0 would empty a split or the images.
+        for name, what in (("max_train_samples", "images"), ("max_eval_samples", "images"), ("train_samples", "images"),
+                           ("image_size", "pixels")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"{name}: expected a positive number of {what} (or leave it unset), got {value!r}")
 
     @property
     def crop_pct(self) -> float:

@@ -128,6 +128,45 @@ def _row_group_sizes(path: str) -> tuple[int, ...]:
     return tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
 
 
+def check_parquet_files(files: Sequence[str], split: str, argument: str = "dataset") -> None:
+    """Refuse a split's local parquet files that ``datasets`` would fail on deep inside its build (a
+    ``DatasetGenerationError``): a file whose footer cannot be read (cut short by a copy), one with no rows, or files
+    whose columns differ. Reads the footers only. Remote files are left to the reader.
+
+    Raises:
+        DamagedFileError: a file cannot be read as parquet.
+        ConfigurationError: a file holds no rows, or two files have different columns or column types.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..errors import ConfigurationError
+    from ..integrity import damaged, first_line
+
+    first: Optional[tuple[str, Any]] = None
+    for path in files:
+        if _is_remote(path):
+            continue
+        try:
+            metadata = pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as error:
+            raise damaged(argument, path, [f"not a readable parquet file: {first_line(error).rstrip('.')}"]) from None
+        if metadata.num_rows == 0:
+            raise ConfigurationError(
+                f"{argument}: parquet file '{path}' of split '{split}' holds no rows; remove it, or copy it again if it "
+                "should hold images"
+            )
+        schema = metadata.schema.to_arrow_schema().remove_metadata()
+        if first is None:
+            first = (path, schema)
+        elif not schema.equals(first[1]):
+            describe = lambda s: ", ".join(f"{f.name}: {f.type}" for f in s)  # noqa: E731
+            raise ConfigurationError(
+                f"{argument}: the parquet files of split '{split}' have different columns: '{first[0]}' has "
+                f"[{describe(first[1])}] but '{path}' has [{describe(schema)}]; give every file of a split the same columns"
+            )
+
+
 class ParquetShards:
     """Rows of parquet files, read by row groups.
 

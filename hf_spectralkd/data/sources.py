@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigurationError, TooManyBadImagesError
 from ..integrity import first_line
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
-from .shards import IterableDatasetShards, ParquetShards
+from .shards import IterableDatasetShards, ParquetShards, check_parquet_files
 from .streaming import ResumableImageStream
 from .tensor_pipeline import TensorImagePipeline, collate_prepared, pixel_batch
 from .transforms import (
@@ -223,15 +223,79 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
                 by_split["validation"] = by_split.pop("val")
             if split not in by_split:
                 raise KeyError(split)
+            check_parquet_files(by_split[split], split)
             ds = datasets.load_dataset("parquet", data_files={split: by_split[split]}, split=split, streaming=streaming)
             return ds, by_split[split]
-        return datasets.load_dataset("imagefolder", data_dir=str(root), split=split, streaming=streaming), None
+        ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=split, streaming=streaming)
+        return with_unreadable_links(ds, root, split, args), None
     if not streaming:
         return datasets.load_dataset(args.dataset, args.dataset_config, split=split, revision=args.dataset_revision,
                                      token=token), None
     # load_dataset(streaming=True) is these two calls; the builder also knows the parquet files.
     builder = datasets.load_dataset_builder(args.dataset, args.dataset_config, revision=args.dataset_revision, token=token)
     return builder.as_streaming_dataset(split=split), parquet_files_of(builder, split)
+
+
+#: Folder names ``datasets`` reads as each split of an imagefolder.
+_SPLIT_FOLDERS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+
+
+def _unreadable_links(root: Path) -> list[Path]:
+    """Image files under ``root`` that are symbolic links to nothing readable (a moved target, a loop, a folder).
+
+    Scanned with ``os.scandir``, whose entries know whether they are links without a ``stat``: only links cost one.
+    """
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {ext.lower() for ext in ImageFolder.EXTENSIONS}
+    found, folders = [], [str(root)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    if os.path.splitext(entry.name)[1].lower() in extensions and not os.path.isfile(entry.path):
+                        found.append(Path(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+    return sorted(found)
+
+
+def with_unreadable_links(ds, root: Path, split: str, args: DataArguments):
+    """``ds`` (an imagefolder split) plus a record for each of its image files that is a link to nothing readable.
+
+    ``datasets`` leaves such files out of the split without a word (they are no files to its listing); as records
+    they fail to decode like any damaged image, so they are skipped *and counted* (``skipped_images``, and the
+    ``--max_skipped_fraction`` limit) instead of silently shrinking the data.
+    """
+    import datasets
+
+    links = _unreadable_links(root)
+    names = _SPLIT_FOLDERS.get(split, (split,))
+    mine = []
+    for link in links:
+        parts = [part.lower() for part in link.relative_to(root).parts[:-1]]
+        in_split = any(part in names for part in parts)
+        no_split_folder = not any(part in folders for part in parts for folders in _SPLIT_FOLDERS.values())
+        if in_split or (split == "train" and no_split_folder):
+            mine.append(link)
+    if not mine:
+        return ds
+    label = (ds.features or {}).get(args.label_column)
+    classes = label.names if isinstance(label, datasets.ClassLabel) else None
+    rows = {args.image_column: [], args.label_column: []}
+    for link in mine:
+        if classes is not None and link.parent.name in classes:
+            rows[args.image_column].append({"bytes": None, "path": str(link)})
+            rows[args.label_column].append(classes.index(link.parent.name))
+    logger.warning("%d image file(s) of split '%s' are links to nothing readable (e.g. %s → %s); they are counted as "
+                   "skipped images", len(mine), split, mine[0], os.readlink(mine[0]))
+    if not rows[args.label_column] or set(ds.features) != set(rows):
+        return ds
+    extra = datasets.Dataset.from_dict(rows, features=ds.features)
+    if isinstance(ds, datasets.IterableDataset):
+        extra = extra.to_iterable_dataset()
+    return datasets.concatenate_datasets([ds, extra])
 
 
 def parquet_files_of(builder, split: str) -> Optional[list[str]]:
@@ -294,6 +358,8 @@ def _open_checked(args: DataArguments, split: str, argument: str, token: Optiona
 
     try:
         raw, files = _load_raw(args, split, args.streaming, token)
+    except ConfigurationError:  # already names what is wrong (a damaged or empty parquet file)
+        raise
     except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
         splits = _available_splits(args)
         if splits is not None and split not in splits:
