@@ -23,6 +23,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,7 +136,17 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, SpectralDistillationConfig)
 
 
 class _RecipeParser(HfArgumentParser):
-    """argparse prints its whole usage (hundreds of options) before an error: give the one line instead."""
+    """argparse prints its whole usage (hundreds of options) before an error: give the one line instead.
+
+    Help texts are plain text in the dataclasses' metadata, but argparse formats them with ``%`` (the
+    defaults formatter appends ``%(default)s``): a lone ``%`` ("above 1 %") made ``--help`` crash.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            if action.help:  # transformers' own texts are escaped already ("~20%%"): "%%" and "%(" stay
+                action.help = re.sub(r"%%|%\(|%", lambda m: m.group() if len(m.group()) == 2 else "%%", action.help)
 
     def error(self, message: str):
         # The message quotes the user's value, which a YAML file can make multi-line: keep one line.
@@ -375,6 +386,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
 
     check_model_arguments(model_args, args)
+    if args.push_to_hub:
+        from ..hub import require_online_hub
+
+        require_online_hub("push_to_hub", "pass --push_to_hub false and upload the finished run later with "
+                           "`hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME`")
     resume = resolve_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
     lock = acquire_run_lock(args.distributed_state, args.output_dir)
