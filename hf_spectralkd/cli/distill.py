@@ -423,13 +423,10 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     ensure_deepspeed_distributed(args)
     token = os.environ.get("HF_TOKEN") or None  # --hub_token was moved there; never logged
 
-    raw = open_image_datasets(data_args, args.seed, token)
     evaluate_only = not args.do_train
-    if evaluate_only and (not args.do_eval or raw.eval is None):
-        raise ConfigurationError(
-            "do_train: false leaves only evaluation, which needs --do_eval true and an evaluation split "
-            f"('{data_args.eval_split}' was not found)"
-        )
+    if evaluate_only and not args.do_eval:
+        raise ConfigurationError("do_train: false leaves only evaluation, which needs --do_eval true")
+    raw = open_image_datasets(data_args, args.seed, token, train=not evaluate_only)  # evaluation opens only its split
     student = load_model(
         model_args.student, argument="student", from_scratch=model_args.student_from_scratch,
         # An evaluated student keeps its own head and class names (checked against the data below).

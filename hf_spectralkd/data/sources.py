@@ -175,7 +175,7 @@ def first_images(dataset, count: int) -> Optional[torch.Tensor]:
 class ImageDatasets:
     """What :func:`load_image_datasets` returns."""
 
-    train: Any  # TransformedImageDataset, or ResumableImageStream when streaming
+    train: Any  # TransformedImageDataset, ResumableImageStream when streaming, None in an evaluation-only run
     eval: Optional[TransformedImageDataset]
     id2label: dict[int, str]
     train_size: Optional[int]  # number of training images when known
@@ -213,6 +213,12 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
         ds = raw[split]
         return (ds.to_iterable_dataset(num_shards=4) if streaming else ds), None
     root = Path(os.path.expanduser(args.dataset))
+    saved = _saved_splits(root)
+    if saved is not None:
+        if split not in saved:
+            raise KeyError(split)
+        ds = saved[split]
+        return (ds.to_iterable_dataset(num_shards=min(4, max(1, len(ds)))) if streaming else ds), None
     if root.exists():
         parquet = _local_parquet_files(root)
         if parquet:
@@ -232,6 +238,22 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
     # load_dataset(streaming=True) is these two calls; the builder also knows the parquet files.
     builder = datasets.load_dataset_builder(args.dataset, args.dataset_config, revision=args.dataset_revision, token=token)
     return builder.as_streaming_dataset(split=split), parquet_files_of(builder, split)
+
+
+def _saved_splits(root: Path) -> Optional[dict[str, Any]]:
+    """The splits of a folder written by ``save_to_disk``, or ``None`` for any other path.
+
+    A ``DatasetDict`` (``dataset_dict.json``) has named splits; a lone ``Dataset`` (``state.json``) is
+    the split it was saved from (``ds.split``), or ``train`` when it was built without one.
+    """
+    if not (root / "dataset_dict.json").is_file() and not (root / "state.json").is_file():
+        return None
+    import datasets
+
+    saved = datasets.load_from_disk(str(root))
+    if isinstance(saved, datasets.DatasetDict):
+        return dict(saved)
+    return {str(saved.split or "train"): saved}
 
 
 def parquet_files_of(builder, split: str) -> Optional[list[str]]:
@@ -256,6 +278,9 @@ def _available_splits(args: DataArguments) -> Optional[list[str]]:
         if args.dataset == DEMO_DATASET:
             return ["train", "test"]
         root = Path(os.path.expanduser(args.dataset))
+        saved = _saved_splits(root)
+        if saved is not None:
+            return list(saved)
         if root.exists() and not _local_parquet_files(root):
             return sorted(p.name for p in root.iterdir() if p.is_dir())
         return list(datasets.get_dataset_split_names(args.dataset, args.dataset_config))
@@ -287,20 +312,21 @@ def open_split(args: DataArguments, split: str, token: Optional[str] = None):
     return raw.cast_column(args.image_column, datasets.Image(decode=False))
 
 
-def _open_checked(args: DataArguments, split: str, argument: str, token: Optional[str]):
-    """``_load_raw`` of ``split`` with its columns checked; a failure names ``argument`` (an unknown
-    split, listing the splits there are) or the dataset (anything else)."""
+def _open_checked(args: DataArguments, split: str, argument: str, token: Optional[str], streaming: Optional[bool] = None):
+    """``_load_raw`` of ``split`` (streamed as ``args.streaming`` unless ``streaming`` says) with its columns
+    checked; a failure names ``argument`` (an unknown split, listing the splits there are) or the dataset."""
     import datasets
 
     try:
-        raw, files = _load_raw(args, split, args.streaming, token)
+        raw, files = _load_raw(args, split, args.streaming if streaming is None else streaming, token)
     except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
         splits = _available_splits(args)
         if splits is not None and split not in splits:
             raise ConfigurationError(f"{argument}: '{split}' is not a split of '{args.dataset}'; splits: {splits}") from error
         raise ConfigurationError(
             f"dataset: cannot load '{args.dataset}': {first_line(error).rstrip('.')}. Expected a Hub dataset id (set "
-            f"HF_TOKEN for gated ones such as ILSVRC/imagenet-1k), a local imagefolder or parquet folder, or '{DEMO_DATASET}'"
+            f"HF_TOKEN for gated ones such as ILSVRC/imagenet-1k), a local imagefolder, parquet or save_to_disk folder, "
+            f"or '{DEMO_DATASET}'"
         ) from error
     _check_columns(raw, args)
     return raw, files
@@ -325,7 +351,7 @@ def _label_names(ds, args: DataArguments) -> dict[int, str]:
 class RawImageDatasets:
     """The untransformed splits and class names (step one of loading; see :func:`open_image_datasets`)."""
 
-    train: Any
+    train: Any  # None in an evaluation-only run
     eval: Any
     id2label: dict[int, str]
     args: DataArguments
@@ -333,12 +359,17 @@ class RawImageDatasets:
     train_files: Optional[list[str]] = None  # the train split's parquet files, when it is stored as parquet
 
 
-def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str] = None) -> RawImageDatasets:
+def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str] = None, train: bool = True) -> RawImageDatasets:
     """Open the train and eval splits and read the class names, without decoding any image.
+
+    ``train=False`` (an evaluation-only run) opens only the eval split, which must then exist; the class
+    names are its own.
 
     Raises:
         ValueError: unknown dataset or split, missing image/label column, no class names.
     """
+    if not train:
+        return _open_eval_only(args, token)
     train_raw, train_files = _open_checked(args, args.train_split, "train_split", token)
     id2label = _label_names(train_raw, args)
 
@@ -363,6 +394,16 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     return RawImageDatasets(train_raw, eval_raw, id2label, args, eval_split if eval_raw is not None else None, train_files)
 
 
+def _open_eval_only(args: DataArguments, token: Optional[str]) -> RawImageDatasets:
+    if not args.eval_split:
+        raise ConfigurationError("eval_split: an evaluation-only run (--do_train false) needs --eval_split, the split to score")
+    eval_raw, _ = _open_checked(args, args.eval_split, "eval_split", token, streaming=False)
+    id2label = _label_names(eval_raw, args)
+    if args.max_eval_samples is not None:
+        eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
+    return RawImageDatasets(None, eval_raw, id2label, args, args.eval_split)
+
+
 def prepare_image_datasets(
     raw: RawImageDatasets, image_size: int, seed: int = 0, label_smoothing: float = 0.1, cache_dir: Optional[str] = None
 ) -> ImageDatasets:
@@ -379,7 +420,10 @@ def prepare_image_datasets(
     else:
         train_transform = build_train_transform(args, image_size)
         eval_transform = build_eval_transform(args, image_size)
-    if args.streaming:
+    train, train_size = None, None
+    if raw.train is None:
+        pass  # evaluation only
+    elif args.streaming:
         if raw.train_files:
             source = ParquetShards(raw.train_files, args.image_column, args.label_column)
         else:
