@@ -43,7 +43,7 @@ from ..data import (
     steps_for_epochs,
 )
 from ..errors import ConfigurationError
-from ..features import describe_taps
+from ..features import has_taps
 from ..integrity import damaged
 from ..layer_map import format_layer_map, resolve_layer_map
 from ..models import (
@@ -57,6 +57,7 @@ from ..preprocessing import InputSpec, configured_size, input_spec_of, spec_from
 from ..summary import RunSummary, write_json_atomic
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
+from ..utils import unwrap_model
 from .common import (
     check_config_values,
     check_output_dir,
@@ -347,6 +348,28 @@ def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, la
     return "\n".join(lines)
 
 
+def spectral_extras(model_args: ModelArguments, student, teacher) -> tuple[int, int]:
+    """``(profile_images, spectral_dynamics_steps)`` the run can produce: 0 for an extra that needs feature taps of
+    a model without them (a logit-only run of DINOv2, BEiT, ConvNeXt, ...), with one warning naming it.
+
+    A loss that needs taps was refused before (resolve_layer_map); the extras never stop a run that trained.
+    """
+    profile, dynamics = model_args.profile_images, model_args.spectral_dynamics_steps
+    untapped = [f"{role} {type(unwrap_model(model)).__name__}" for role, model in (("student", student), ("teacher", teacher))
+                if model is not None and not has_taps(model)]
+    skipped = []
+    if profile > 0 and teacher is not None and untapped:
+        skipped.append("--profile_images (teacher/student spectral profiles)")
+        profile = 0
+    if dynamics > 0 and not has_taps(student):
+        skipped.append("--spectral_dynamics_steps")
+        dynamics = 0
+    if skipped:
+        logger.warning("skipping %s: the %s has no feature taps (supported: ViT, DeiT, Swin, timm models with "
+                       "forward_intermediates); training is unaffected", " and ".join(skipped), " and ".join(untapped))
+    return profile, dynamics
+
+
 def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> dict[str, Any]:
     """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity.
 
@@ -438,7 +461,10 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
             data_args, input_spec_of(student.model, student.source, model_args.student_revision, token)
         )
         raw.args = data_args
-    image_size = data_args.image_size or describe_taps(student.model).image_size[0]
+    image_size = data_args.image_size or (configured_size(student.model) or (None,))[0]
+    if not image_size:
+        raise ConfigurationError(f"image_size: the config of student '{model_args.student}' states no input size; "
+                                 "pass --image_size")
     with args.main_process_first(desc="stream layout"):  # remote footers are read, or shards counted, once
         data = prepare_image_datasets(raw, image_size, args.seed, args.label_smoothing_factor, cache_dir=args.output_dir)
     processor = data.image_processor
@@ -469,7 +495,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     if args.eval_strategy != "no" and data.eval is None:
         raise ConfigurationError(f"eval_strategy: '{args.eval_strategy}' needs an eval split; '{data_args.eval_split}' was not found")
 
-    profile_count = max(model_args.profile_images, 32 if model_args.spectral_dynamics_steps else 0)
+    profile_images, dynamics_steps = spectral_extras(model_args, student.model, teacher.model if teacher else None)
+    profile_count = max(profile_images, 32 if dynamics_steps else 0)
     profile_batch = first_images(data.eval, profile_count)
     auto_batch = None
     if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images
@@ -486,11 +513,10 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         summary=summary, student_inputs=student_spec, teacher_inputs=teacher_spec, train_dataset=data.train,
         eval_dataset=data.eval, data_collator=data.collator, processing_class=processor,
     )
-    if model_args.spectral_dynamics_steps > 0 and profile_batch is not None:
+    if dynamics_steps > 0 and profile_batch is not None:
         from ..analysis import SpectralDynamicsCallback
 
-        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer,
-                                                      every_n_steps=model_args.spectral_dynamics_steps))
+        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer, every_n_steps=dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(summary, args, data, layer_map), flush=True)
         resolved = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": args.to_dict()}
@@ -517,9 +543,9 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         summary.teacher_accuracy, summary.teacher_top5 = teacher_metrics.get("top1"), teacher_metrics.get("top5")
 
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if teacher is not None and profile_batch is not None and model_args.profile_images > 0 and not zero3:
+    if teacher is not None and profile_batch is not None and profile_images > 0 and not zero3:
         summary.profile_similarity = write_profile_comparison(
-            trainer, teacher.model, profile_batch[: model_args.profile_images], args.output_dir, trainer.teacher_inputs
+            trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs
         )
     summary.record_training_state(trainer.state)
     summary.train_runtime_s = train_result.metrics.get("train_runtime")
