@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigurationError, TooManyBadImagesError
 from ..integrity import first_line
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
+from .labels import check_eval_labels, class_names, imagefolder_layout_problem, warn_empty_class_folders
 from .shards import IterableDatasetShards, ParquetShards
 from .streaming import ResumableImageStream
 from .tensor_pipeline import TensorImagePipeline, collate_prepared, pixel_batch
@@ -240,13 +241,18 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
     return builder.as_streaming_dataset(split=split), parquet_files_of(builder, split)
 
 
+def _is_saved(root: Path) -> bool:
+    """Whether ``root`` was written by ``save_to_disk`` (a DatasetDict or a Dataset)."""
+    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+
+
 def _saved_splits(root: Path) -> Optional[dict[str, Any]]:
     """The splits of a folder written by ``save_to_disk``, or ``None`` for any other path.
 
     A ``DatasetDict`` (``dataset_dict.json``) has named splits; a lone ``Dataset`` (``state.json``) is
     the split it was saved from (``ds.split``), or ``train`` when it was built without one.
     """
-    if not (root / "dataset_dict.json").is_file() and not (root / "state.json").is_file():
+    if not _is_saved(root):
         return None
     import datasets
 
@@ -288,10 +294,22 @@ def _available_splits(args: DataArguments) -> Optional[list[str]]:
         return None
 
 
-def _check_columns(ds, args: DataArguments) -> None:
+def _local_imagefolder(args: DataArguments) -> Optional[Path]:
+    """The folder of a local imagefolder dataset (not parquet, not save_to_disk), or ``None``."""
+    root = Path(os.path.expanduser(args.dataset))
+    if args.dataset == DEMO_DATASET or not root.is_dir() or _is_saved(root) or _local_parquet_files(root):
+        return None
+    return root
+
+
+def _check_columns(ds, args: DataArguments, split: str) -> None:
     columns = list(ds.column_names or (ds.features or {}).keys())
     for argument, column in (("image_column", args.image_column), ("label_column", args.label_column)):
         if columns and column not in columns:
+            folder = _local_imagefolder(args) if argument == "label_column" and column == "label" else None
+            layout = imagefolder_layout_problem(folder, split) if folder else None
+            if layout:
+                raise ConfigurationError(f"label_column: the imagefolder '{args.dataset}' gives no labels: {layout}")
             raise ConfigurationError(
                 f"{argument}: column '{column}' is not in dataset '{args.dataset}'; its columns are {columns} "
                 f"(pass --{argument} with the right name)"
@@ -328,23 +346,17 @@ def _open_checked(args: DataArguments, split: str, argument: str, token: Optiona
             f"HF_TOKEN for gated ones such as ILSVRC/imagenet-1k), a local imagefolder, parquet or save_to_disk folder, "
             f"or '{DEMO_DATASET}'"
         ) from error
-    _check_columns(raw, args)
+    _check_columns(raw, args, split)
     return raw, files
 
 
-def _label_names(ds, args: DataArguments) -> dict[int, str]:
-    import datasets
-
-    feature = (ds.features or {}).get(args.label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return dict(enumerate(feature.names))
-    if isinstance(ds, datasets.Dataset):
-        values = sorted(set(int(v) for v in ds[args.label_column]))
-        return {i: str(i) for i in range(values[-1] + 1)}
-    raise ConfigurationError(
-        f"label_column: '{args.label_column}' of the streamed dataset '{args.dataset}' has no class names "
-        "(not a ClassLabel); stream a dataset whose label column is a ClassLabel, or load it without --streaming"
-    )
+def _class_names(ds, args: DataArguments, split: str) -> dict[int, str]:
+    """The split's class names, every label checked once here (:mod:`.labels`)."""
+    id2label = class_names(ds, args.label_column, split, args.dataset)
+    folder = _local_imagefolder(args)
+    if folder is not None:
+        warn_empty_class_folders(folder, split, id2label)
+    return id2label
 
 
 @dataclass
@@ -371,7 +383,7 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     if not train:
         return _open_eval_only(args, token)
     train_raw, train_files = _open_checked(args, args.train_split, "train_split", token)
-    id2label = _label_names(train_raw, args)
+    id2label = _class_names(train_raw, args, args.train_split)
 
     eval_raw, eval_split = None, args.eval_split
     if args.eval_split:
@@ -380,7 +392,8 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
         except (FileNotFoundError, KeyError, ValueError, OSError):
             eval_raw = None
         if eval_raw is not None:
-            _check_columns(eval_raw, args)
+            _check_columns(eval_raw, args, args.eval_split)
+            check_eval_labels(eval_raw, args.label_column, args.eval_split, len(id2label))
     if eval_raw is None and not args.streaming and args.validation_fraction > 0:
         parts = train_raw.train_test_split(test_size=args.validation_fraction, seed=seed)
         train_raw, eval_raw = parts["train"], parts["test"]
@@ -398,7 +411,7 @@ def _open_eval_only(args: DataArguments, token: Optional[str]) -> RawImageDatase
     if not args.eval_split:
         raise ConfigurationError("eval_split: an evaluation-only run (--do_train false) needs --eval_split, the split to score")
     eval_raw, _ = _open_checked(args, args.eval_split, "eval_split", token, streaming=False)
-    id2label = _label_names(eval_raw, args)
+    id2label = _class_names(eval_raw, args, args.eval_split)
     if args.max_eval_samples is not None:
         eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
     return RawImageDatasets(None, eval_raw, id2label, args, args.eval_split)
