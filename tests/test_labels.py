@@ -21,18 +21,17 @@ TEN_CLASSES = [f"c{i}" for i in range(10)]
 
 
 def saved_dataset(root: Path, train_labels, eval_labels=(0, 1), class_names=None) -> str:
-    """A ``save_to_disk`` DatasetDict of tiny images with these labels (a ClassLabel when ``class_names``)."""
+    """A parquet dataset (train, validation) of tiny images with these labels (a ClassLabel when ``class_names``)."""
     import datasets
 
     rng = np.random.default_rng(0)
-    splits = {}
     for split, labels in (("train", list(train_labels)), ("validation", list(eval_labels))):
         images = [{"bytes": encoded(class_image(i % 3, rng), "PNG"), "path": None} for i in range(len(labels))]
         ds = datasets.Dataset.from_dict({"image": images, "label": labels}).cast_column("image", datasets.Image())
         if class_names:  # a cast keeps out-of-range ids, as a parquet file written by other tools can hold them
             ds = ds.cast_column("label", datasets.ClassLabel(names=class_names))
-        splits[split] = ds
-    datasets.DatasetDict(splits).save_to_disk(str(root))
+        (root / split).mkdir(parents=True)
+        ds.to_parquet(str(root / split / f"{split}-00000.parquet"))
     return str(root)
 
 
@@ -114,16 +113,22 @@ def test_a_class_without_training_images_is_a_warning_naming_it(tmp_path, caplog
 
 @pytest.mark.slow
 def test_wrong_labels_stop_a_real_process_with_one_line(saved_models, tmp_path):
-    cases = {name: BAD_LABELS[name] for name in ("unlabelled_minus_1", "stray_999_among_integers", "nested_imagefolder")}
-    argvs = []
-    for name, (build, _) in cases.items():
-        argvs.append(tiny_run_args(saved_models, build(tmp_path / name), tmp_path / f"out_{name}"))
+    abc = ["a", "b", "c"]  # the tiny teacher's 3 classes
+    cases = {  # before: an IndexError traceback in the loss; a silent 1,000-class student; a missing column
+        "unlabelled": (lambda r: saved_dataset(r, [0, 1, -1, 2, 0, 1, 2, 0], class_names=abc), [],
+                       "outside the 3 classes 0..2 of its ClassLabel: row 2: -1 (-1 marks an unlabelled image"),
+        "stray": (lambda r: saved_dataset(r, [0, 1, 2] * 3 + [999]), ["--distillation_type", "none", "--beta", "0"],
+                  "ids up to 999 make a 1000-class student, but only 4 ids occur; stray labels? row 9: 999"),
+        "nested": (BAD_LABELS["nested_imagefolder"][0], [], BAD_LABELS["nested_imagefolder"][1]),
+    }
+    argvs = [tiny_run_args(saved_models, build(tmp_path / name), tmp_path / f"out_{name}", *extra)
+             for name, (build, extra, _) in cases.items()]
     (tmp_path / "cases.json").write_text(json.dumps(argvs))
     result = run_recipe_process([str(tmp_path / "cases.json")], check=False, script=ROOT / "tests" / "scripts" / "recipe_cases.py")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     sections = re.split(r"^=== case \d+\n", result.stderr, flags=re.MULTILINE)[1:]
     assert len(sections) == len(cases), result.stderr[-3000:]
-    for index, (section, (name, (_, message))) in enumerate(zip(sections, cases.items())):
+    for index, (section, (name, (_, _, message))) in enumerate(zip(sections, cases.items())):
         errors = [line for line in section.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message.format(root=tmp_path / name) in errors[0], section
         assert section.rstrip().endswith(f"=== exit {index} 2"), section
