@@ -353,9 +353,9 @@ def _open_checked(args: DataArguments, split: str, argument: str, token: Optiona
 def _class_names(ds, args: DataArguments, split: str) -> dict[int, str]:
     """The split's class names, every label checked once here (:mod:`.labels`)."""
     id2label = class_names(ds, args.label_column, split, args.dataset)
-    folder = _local_imagefolder(args)
-    if folder is not None:
-        warn_empty_class_folders(folder, split, id2label)
+    # Only sub-folders of root/<split> not named as classes are looked into (an imagefolder's empty class
+    # folders; parquet and save_to_disk splits hold files): no walk over a large image tree.
+    warn_empty_class_folders(Path(os.path.expanduser(args.dataset)), split, id2label)
     return id2label
 
 
