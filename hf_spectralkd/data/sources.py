@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigurationError, TooManyBadImagesError
 from ..integrity import first_line
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
-from .labels import check_eval_labels, class_names, imagefolder_layout_problem, warn_empty_class_folders
+from .label_values import check_eval_labels, imagefolder_layout_problem, split_class_names, warn_empty_class_folders
 from .shards import IterableDatasetShards, ParquetShards
 from .streaming import ResumableImageStream
 from .tensor_pipeline import TensorImagePipeline, collate_prepared, pixel_batch
@@ -351,8 +351,8 @@ def _open_checked(args: DataArguments, split: str, argument: str, token: Optiona
 
 
 def _class_names(ds, args: DataArguments, split: str) -> dict[int, str]:
-    """The split's class names, every label checked once here (:mod:`.labels`)."""
-    id2label = class_names(ds, args.label_column, split, args.dataset)
+    """The split's class names, every label checked once here (:mod:`.label_values`)."""
+    id2label = split_class_names(ds, args.label_column, split, args.dataset)
     # Only sub-folders of root/<split> not named as classes are looked into (an imagefolder's empty class
     # folders; parquet and save_to_disk splits hold files): no walk over a large image tree.
     warn_empty_class_folders(Path(os.path.expanduser(args.dataset)), split, id2label)

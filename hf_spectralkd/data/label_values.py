@@ -1,4 +1,4 @@
-"""Class labels of a split: its class names, and one check of every label when the split is opened.
+"""The label values of a split: its class names, and one check of every label when the split is opened.
 
 Unchecked, a wrong label fails deep inside training (``IndexError: Target 999 is out of bounds`` in
 the loss, ``-1`` from an unlabelled test split) or not at all: a stray ``999`` among labels 0..9
@@ -78,7 +78,7 @@ def check_range(values: np.ndarray, num_classes: int, column: str, split: str, w
     )
 
 
-def class_names(ds, column: str, split: str, dataset: str) -> dict[int, str]:
+def split_class_names(ds, column: str, split: str, dataset: str) -> dict[int, str]:
     """The class names of the training split ``ds``, its labels checked (all of them when it is map-style).
 
     A ``ClassLabel`` names the classes; plain integers make classes ``0..max``, refused when more of those
