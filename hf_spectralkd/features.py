@@ -100,6 +100,15 @@ def model_family(model: nn.Module) -> str:
     raise ConfigurationError(f"Unsupported model for spectral feature taps: {name}. Supported families: {_FAMILY_HELP}.")
 
 
+def has_taps(model: nn.Module) -> bool:
+    """Whether ``model`` belongs to a supported family (its block outputs can be tapped)."""
+    try:
+        model_family(model)
+    except ConfigurationError:
+        return False
+    return True
+
+
 def _pair(value: Any) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         return int(value[0]), int(value[-1])

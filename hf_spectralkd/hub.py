@@ -137,6 +137,18 @@ def hf_api():
     return transformers_hf_api()
 
 
+def require_online_hub(argument: str, instead: str) -> None:
+    """Refuse, before any work, an upload while ``HF_HUB_OFFLINE=1`` is set: huggingface_hub would otherwise stop
+    it deep inside (``OfflineModeIsEnabled``, a long traceback) after models and data were loaded.
+
+    ``instead``: what the user can do rather than go online.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise ConfigurationError(f"{argument}: uploading needs the Hub, but HF_HUB_OFFLINE=1 is set; unset it, or {instead}")
+
+
 def push_run(
     output_dir: str,
     repo_id: str,
@@ -159,6 +171,7 @@ def push_run(
             "run_distill.py wrote the final student to"
         )
     check_model_folder(folder, "output_dir")  # never upload a truncated student
+    require_online_hub("push", "run `hf-spectralkd push` where the Hub can be reached")
     readme = folder / "README.md"
     if readme.exists():
         card = ModelCard.load(str(readme))

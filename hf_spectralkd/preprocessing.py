@@ -157,9 +157,11 @@ def student_image_size(model: nn.Module, image_size: Optional[int]) -> int:
     if size is None:
         if image_size is not None:
             return image_size
-        from .features import describe_taps  # names the supported families when the model is none of them
+        from .features import describe_taps, has_taps
 
-        return describe_taps(model).image_size[0]
+        if has_taps(model):  # a tapped model without a stated size: its patch embedding says it
+            return describe_taps(model).image_size[0]
+        raise ConfigurationError("image_size: the student's config states no input size; pass --image_size")
     if image_size is None:
         return size[0]
     if image_size == size[0] == size[1]:

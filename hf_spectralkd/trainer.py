@@ -232,7 +232,9 @@ class SpectralDistillationTrainer(
         if self.is_deepspeed_enabled:
             return self._prepare_deepspeed_teacher(teacher)
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        if self.args.teacher_compile:
+        # With --torch_compile, prepare_model has compiled the teacher already; compiling it again would
+        # only return its forward as a function.
+        if self.args.teacher_compile and not hasattr(teacher, "_orig_mod"):
             teacher = torch.compile(teacher)
         return teacher
 

@@ -6,7 +6,7 @@ from torch import nn
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DeepSpeed / ``torch.compile`` wrappers to reach the transformers model.
+    """Strip DDP / DeepSpeed / ``torch.compile`` wrappers (compiled twice too) to reach the transformers model.
 
     Not accelerate's ``extract_model_from_parallel``: that imports DeepSpeed on every call when it
     is installed, and this runs in every training step (the feature taps ask for the model family).
@@ -16,6 +16,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen.add(id(model))
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
+        elif hasattr(model, "_torchdynamo_orig_callable"):
+            # torch.compile of an already compiled module returns its forward compiled, a function
+            # (torch 2.14): the module is the bound method's owner.
+            model = getattr(model._torchdynamo_orig_callable, "__self__", model)
         elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
             model = model.module
     return model

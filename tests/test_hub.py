@@ -122,7 +122,8 @@ def test_card_license_defaults_to_the_teachers_and_can_be_set(saved_models, imag
     assert "license" not in card_metadata(tmp_path / "c")  # the teacher's card names none: nothing is made up
 
 
-def test_cli_push_uploads_a_finished_run_without_checkpoints(saved_models, imagefolder, tmp_path, capsys):
+def test_cli_push_uploads_a_finished_run_without_checkpoints(saved_models, imagefolder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub below is "online"
 
     out = tmp_path / "out"
     assert run_distill.main(tiny_run_args(saved_models, imagefolder, out)) == 0
@@ -153,6 +154,7 @@ def test_demo_sized_student_loads_and_runs_in_a_pipeline(tmp_path):
 
 
 def test_token_never_appears_in_logs_or_files(saved_models, imagefolder, tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub below is "online"
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "out"

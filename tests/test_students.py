@@ -439,6 +439,7 @@ def test_push_uploads_the_modeling_code_with_the_weights(saved_students, monkeyp
 
     fake = FakeHubApi()
     monkeypatch.setattr("hf_spectralkd.hub.hf_api", lambda: fake)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub is "online"
     push_run(str(saved_students["widelast"]), "someone/tiny-widelast")
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_spectralkd_students.py",
             "modeling_spectralkd_students.py"} <= set(fake.uploads[-1]["files"])

@@ -144,10 +144,19 @@ def _version() -> str:
     return __version__
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """Options are spelt with dashes (``--image-column``); the recipe's spelling (``--image_column``), which the
+    messages of the shared data layer name, is accepted as well (the recipe itself takes both)."""
+
+    def add_argument(self, *names: str, **kwargs):
+        aliases = ["--" + name[2:].replace("-", "_") for name in names if name.startswith("--") and "-" in name[2:]]
+        return super().add_argument(*names, *aliases, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import analyze
 
-    parser = argparse.ArgumentParser(prog="hf-spectralkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _CommandParser(prog="hf-spectralkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
     parser.add_argument("--version", action="version", version=f"hf-spectralkd {_version()}",
                         help="Print the version and exit.")

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 #: Exit codes: 2 = the input is wrong (fix the command), 1 = the run failed (see the message),
 #: 130 = interrupted (Ctrl-C), as shells report it.
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+#: The reader of our output went away (``hf-spectralkd configs | head``): 128 + SIGPIPE, as shells report a
+#: tool that SIGPIPE stopped.
+EXIT_BROKEN_PIPE = 141
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -325,7 +328,7 @@ def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
 
     :class:`~hf_spectralkd.errors.ConfigurationError` (bad input) exits with 2,
     :class:`~hf_spectralkd.errors.RunFailedError` (a non-finite loss, a checkpoint that could not be
-    written) with 1, Ctrl-C with 130. Any other exception is a bug and keeps its traceback. Set
+    written) with 1, Ctrl-C with 130, a closed output pipe (``| head``) quietly with 141. Any other exception is a bug and keeps its traceback. Set
     ``HF_SPECTRALKD_DEBUG=1`` to see the traceback of the reported ones too.
     """
 
@@ -334,7 +337,14 @@ def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
         if os.environ.get("HF_SPECTRALKD_DEBUG", "0") not in ("0", ""):
             return main(*args, **kwargs)
         try:
-            return main(*args, **kwargs)
+            code = main(*args, **kwargs)
+            sys.stdout.flush()  # output still buffered for a pipe fails here, not at exit where it cannot be caught
+            return code
+        except BrokenPipeError:
+            # Stop quietly as Unix tools do; stdout goes to devnull so that the interpreter's own flush at
+            # exit does not print "Exception ignored ... BrokenPipeError" again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         except ConfigurationError as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE

@@ -23,6 +23,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from ..data import (
     steps_for_epochs,
 )
 from ..errors import ConfigurationError
+from ..features import has_taps
 from ..integrity import damaged
 from ..layer_map import format_layer_map, resolve_layer_map
 from ..models import (
@@ -62,6 +64,7 @@ from ..preprocessing import (
 from ..summary import RunSummary
 from ..teacher import TeacherClassifier
 from ..trainer import SpectralDistillationTrainer
+from ..utils import unwrap_model
 from .common import (
     check_config_values,
     check_output_dir,
@@ -142,7 +145,17 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, SpectralDistillationConfig)
 
 
 class _RecipeParser(HfArgumentParser):
-    """argparse prints its whole usage (hundreds of options) before an error: give the one line instead."""
+    """argparse prints its whole usage (hundreds of options) before an error: give the one line instead.
+
+    Help texts are plain text in the dataclasses' metadata, but argparse formats them with ``%`` (the
+    defaults formatter appends ``%(default)s``): a lone ``%`` ("above 1 %") made ``--help`` crash.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            if action.help:  # transformers' own texts are escaped already ("~20%%"): "%%" and "%(" stay
+                action.help = re.sub(r"%%|%\(|%", lambda m: m.group() if len(m.group()) == 2 else "%%", action.help)
 
     def error(self, message: str):
         # The message quotes the user's value, which a YAML file can make multi-line: keep one line.
@@ -343,6 +356,28 @@ def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, la
     return "\n".join(lines)
 
 
+def spectral_extras(model_args: ModelArguments, student, teacher) -> tuple[int, int]:
+    """``(profile_images, spectral_dynamics_steps)`` the run can produce: 0 for an extra that needs feature taps of
+    a model without them (a logit-only run of DINOv2, BEiT, ConvNeXt, ...), with one warning naming it.
+
+    A loss that needs taps was refused before (resolve_layer_map); the extras never stop a run that trained.
+    """
+    profile, dynamics = model_args.profile_images, model_args.spectral_dynamics_steps
+    untapped = [f"{role} {type(unwrap_model(model)).__name__}" for role, model in (("student", student), ("teacher", teacher))
+                if model is not None and not has_taps(model)]
+    skipped = []
+    if profile > 0 and teacher is not None and untapped:
+        skipped.append("--profile_images (teacher/student spectral profiles)")
+        profile = 0
+    if dynamics > 0 and not has_taps(student):
+        skipped.append("--spectral_dynamics_steps")
+        dynamics = 0
+    if skipped:
+        logger.warning("skipping %s: the %s has no feature taps (supported: ViT, DeiT, Swin, timm models with "
+                       "forward_intermediates); training is unaffected", " and ".join(skipped), " and ".join(untapped))
+    return profile, dynamics
+
+
 def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, teacher_inputs=None) -> Optional[dict[str, Any]]:
     """Teacher and student spectral profiles on the same images: JSON, overlay plot, similarity (``None``, with a
     warning, when a profile has too few layers to compare).
@@ -387,6 +422,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
 
     check_model_arguments(model_args, args)
+    if args.push_to_hub:
+        from ..hub import require_online_hub
+
+        require_online_hub("push_to_hub", "pass --push_to_hub false and upload the finished run later with "
+                           "`hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME`")
     resume = resolve_resume(args)
     check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
     lock = acquire_run_lock(args.distributed_state, args.output_dir)
@@ -421,13 +461,10 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     ensure_deepspeed_distributed(args)
     token = os.environ.get("HF_TOKEN") or None  # --hub_token was moved there; never logged
 
-    raw = open_image_datasets(data_args, args.seed, token)
     evaluate_only = not args.do_train
-    if evaluate_only and (not args.do_eval or raw.eval is None):
-        raise ConfigurationError(
-            "do_train: false leaves only evaluation, which needs --do_eval true and an evaluation split "
-            f"('{data_args.eval_split}' was not found)"
-        )
+    if evaluate_only and not args.do_eval:
+        raise ConfigurationError("do_train: false leaves only evaluation, which needs --do_eval true")
+    raw = open_image_datasets(data_args, args.seed, token, train=not evaluate_only)  # evaluation opens only its split
     student = load_model(
         model_args.student, argument="student", from_scratch=model_args.student_from_scratch,
         # An evaluated student keeps its own head and class names (checked against the data below).
@@ -470,7 +507,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
     if args.eval_strategy != "no" and data.eval is None:
         raise ConfigurationError(f"eval_strategy: '{args.eval_strategy}' needs an eval split; '{data_args.eval_split}' was not found")
 
-    profile_count = max(model_args.profile_images, 32 if model_args.spectral_dynamics_steps else 0)
+    profile_images, dynamics_steps = spectral_extras(model_args, student.model, teacher.model if teacher else None)
+    profile_count = max(profile_images, 32 if dynamics_steps else 0)
     profile_batch = first_images(data.eval, profile_count)
     auto_batch = auto_inputs = None
     if args.layer_map == "auto" and args.uses_features:  # the teacher is profiled on 32 images, as it will see them
@@ -488,11 +526,10 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         summary=summary, student_inputs=student_spec, teacher_inputs=teacher_spec, train_dataset=data.train,
         eval_dataset=data.eval, data_collator=data.collator, processing_class=processor,
     )
-    if model_args.spectral_dynamics_steps > 0 and profile_batch is not None:
+    if dynamics_steps > 0 and profile_batch is not None:
         from ..analysis import SpectralDynamicsCallback
 
-        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer,
-                                                      every_n_steps=model_args.spectral_dynamics_steps))
+        trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer, every_n_steps=dynamics_steps))
     if trainer.is_world_process_zero():
         print(describe_run(summary, args, data, layer_map), flush=True)
     # run_config.json: written by train() once a resumed checkpoint is known to belong to this run
@@ -521,9 +558,9 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         summary.teacher_accuracy, summary.teacher_top5 = teacher_metrics.get("top1"), teacher_metrics.get("top5")
 
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if teacher is not None and profile_batch is not None and model_args.profile_images > 0 and not zero3:
+    if teacher is not None and profile_batch is not None and profile_images > 0 and not zero3:
         summary.profile_similarity = write_profile_comparison(
-            trainer, teacher.model, profile_batch[: model_args.profile_images], args.output_dir, trainer.teacher_inputs
+            trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs
         )
     summary.record_training_state(trainer.state)
     summary.train_runtime_s = train_result.metrics.get("train_runtime")

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigurationError, TooManyBadImagesError
 from ..integrity import first_line
 from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
+from .label_values import check_eval_labels, imagefolder_layout_problem, split_class_names, warn_empty_class_folders
 from .shards import IterableDatasetShards, ParquetShards, check_parquet_files
 from .streaming import ResumableImageStream
 from .tensor_pipeline import TensorImagePipeline, collate_prepared, pixel_batch
@@ -175,7 +176,7 @@ def first_images(dataset, count: int) -> Optional[torch.Tensor]:
 class ImageDatasets:
     """What :func:`load_image_datasets` returns."""
 
-    train: Any  # TransformedImageDataset, or ResumableImageStream when streaming
+    train: Any  # TransformedImageDataset, ResumableImageStream when streaming, None in an evaluation-only run
     eval: Optional[TransformedImageDataset]
     id2label: dict[int, str]
     train_size: Optional[int]  # number of training images when known
@@ -213,6 +214,12 @@ def _load_raw(args: DataArguments, split: str, streaming: bool, token: Optional[
         ds = raw[split]
         return (ds.to_iterable_dataset(num_shards=4) if streaming else ds), None
     root = Path(os.path.expanduser(args.dataset))
+    saved = _saved_splits(root)
+    if saved is not None:
+        if split not in saved:
+            raise KeyError(split)
+        ds = saved[split]
+        return (ds.to_iterable_dataset(num_shards=min(4, max(1, len(ds)))) if streaming else ds), None
     if root.exists():
         parquet = _local_parquet_files(root)
         if parquet:
@@ -298,6 +305,27 @@ def with_unreadable_links(ds, root: Path, split: str, args: DataArguments):
     return datasets.concatenate_datasets([ds, extra])
 
 
+def _is_saved(root: Path) -> bool:
+    """Whether ``root`` was written by ``save_to_disk`` (a DatasetDict or a Dataset)."""
+    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+
+
+def _saved_splits(root: Path) -> Optional[dict[str, Any]]:
+    """The splits of a folder written by ``save_to_disk``, or ``None`` for any other path.
+
+    A ``DatasetDict`` (``dataset_dict.json``) has named splits; a lone ``Dataset`` (``state.json``) is
+    the split it was saved from (``ds.split``), or ``train`` when it was built without one.
+    """
+    if not _is_saved(root):
+        return None
+    import datasets
+
+    saved = datasets.load_from_disk(str(root))
+    if isinstance(saved, datasets.DatasetDict):
+        return dict(saved)
+    return {str(saved.split or "train"): saved}
+
+
 def parquet_files_of(builder, split: str) -> Optional[list[str]]:
     """The data files of ``split`` when ``builder`` reads parquet (Hub datasets stored as parquet, e.g. ImageNet-1k).
 
@@ -320,6 +348,9 @@ def _available_splits(args: DataArguments) -> Optional[list[str]]:
         if args.dataset == DEMO_DATASET:
             return ["train", "test"]
         root = Path(os.path.expanduser(args.dataset))
+        saved = _saved_splits(root)
+        if saved is not None:
+            return list(saved)
         if root.exists() and not _local_parquet_files(root):
             return sorted(p.name for p in root.iterdir() if p.is_dir())
         return list(datasets.get_dataset_split_names(args.dataset, args.dataset_config))
@@ -327,10 +358,22 @@ def _available_splits(args: DataArguments) -> Optional[list[str]]:
         return None
 
 
-def _check_columns(ds, args: DataArguments) -> None:
+def _local_imagefolder(args: DataArguments) -> Optional[Path]:
+    """The folder of a local imagefolder dataset (not parquet, not save_to_disk), or ``None``."""
+    root = Path(os.path.expanduser(args.dataset))
+    if args.dataset == DEMO_DATASET or not root.is_dir() or _is_saved(root) or _local_parquet_files(root):
+        return None
+    return root
+
+
+def _check_columns(ds, args: DataArguments, split: str) -> None:
     columns = list(ds.column_names or (ds.features or {}).keys())
     for argument, column in (("image_column", args.image_column), ("label_column", args.label_column)):
         if columns and column not in columns:
+            folder = _local_imagefolder(args) if argument == "label_column" and column == "label" else None
+            layout = imagefolder_layout_problem(folder, split) if folder else None
+            if layout:
+                raise ConfigurationError(f"label_column: the imagefolder '{args.dataset}' gives no labels: {layout}")
             raise ConfigurationError(
                 f"{argument}: column '{column}' is not in dataset '{args.dataset}'; its columns are {columns} "
                 f"(pass --{argument} with the right name)"
@@ -351,13 +394,13 @@ def open_split(args: DataArguments, split: str, token: Optional[str] = None):
     return raw.cast_column(args.image_column, datasets.Image(decode=False))
 
 
-def _open_checked(args: DataArguments, split: str, argument: str, token: Optional[str]):
-    """``_load_raw`` of ``split`` with its columns checked; a failure names ``argument`` (an unknown
-    split, listing the splits there are) or the dataset (anything else)."""
+def _open_checked(args: DataArguments, split: str, argument: str, token: Optional[str], streaming: Optional[bool] = None):
+    """``_load_raw`` of ``split`` (streamed as ``args.streaming`` unless ``streaming`` says) with its columns
+    checked; a failure names ``argument`` (an unknown split, listing the splits there are) or the dataset."""
     import datasets
 
     try:
-        raw, files = _load_raw(args, split, args.streaming, token)
+        raw, files = _load_raw(args, split, args.streaming if streaming is None else streaming, token)
     except ConfigurationError:  # already names what is wrong (a damaged or empty parquet file)
         raise
     except (FileNotFoundError, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError, OSError) as error:
@@ -366,32 +409,27 @@ def _open_checked(args: DataArguments, split: str, argument: str, token: Optiona
             raise ConfigurationError(f"{argument}: '{split}' is not a split of '{args.dataset}'; splits: {splits}") from error
         raise ConfigurationError(
             f"dataset: cannot load '{args.dataset}': {first_line(error).rstrip('.')}. Expected a Hub dataset id (set "
-            f"HF_TOKEN for gated ones such as ILSVRC/imagenet-1k), a local imagefolder or parquet folder, or '{DEMO_DATASET}'"
+            f"HF_TOKEN for gated ones such as ILSVRC/imagenet-1k), a local imagefolder, parquet or save_to_disk folder, "
+            f"or '{DEMO_DATASET}'"
         ) from error
-    _check_columns(raw, args)
+    _check_columns(raw, args, split)
     return raw, files
 
 
-def _label_names(ds, args: DataArguments) -> dict[int, str]:
-    import datasets
-
-    feature = (ds.features or {}).get(args.label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return dict(enumerate(feature.names))
-    if isinstance(ds, datasets.Dataset):
-        values = sorted(set(int(v) for v in ds[args.label_column]))
-        return {i: str(i) for i in range(values[-1] + 1)}
-    raise ConfigurationError(
-        f"label_column: '{args.label_column}' of the streamed dataset '{args.dataset}' has no class names "
-        "(not a ClassLabel); stream a dataset whose label column is a ClassLabel, or load it without --streaming"
-    )
+def _class_names(ds, args: DataArguments, split: str) -> dict[int, str]:
+    """The split's class names, every label checked once here (:mod:`.label_values`)."""
+    id2label = split_class_names(ds, args.label_column, split, args.dataset)
+    # Only sub-folders of root/<split> not named as classes are looked into (an imagefolder's empty class
+    # folders; parquet and save_to_disk splits hold files): no walk over a large image tree.
+    warn_empty_class_folders(Path(os.path.expanduser(args.dataset)), split, id2label)
+    return id2label
 
 
 @dataclass
 class RawImageDatasets:
     """The untransformed splits and class names (step one of loading; see :func:`open_image_datasets`)."""
 
-    train: Any
+    train: Any  # None in an evaluation-only run
     eval: Any
     id2label: dict[int, str]
     args: DataArguments
@@ -399,23 +437,31 @@ class RawImageDatasets:
     train_files: Optional[list[str]] = None  # the train split's parquet files, when it is stored as parquet
 
 
-def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str] = None) -> RawImageDatasets:
+def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str] = None, train: bool = True) -> RawImageDatasets:
     """Open the train and eval splits and read the class names, without decoding any image.
+
+    ``train=False`` (an evaluation-only run) opens only the eval split, which must then exist; the class
+    names are its own.
 
     Raises:
         ValueError: unknown dataset or split, missing image/label column, no class names.
     """
+    if not train:
+        return _open_eval_only(args, token)
     train_raw, train_files = _open_checked(args, args.train_split, "train_split", token)
-    id2label = _label_names(train_raw, args)
+    id2label = _class_names(train_raw, args, args.train_split)
 
     eval_raw, eval_split = None, args.eval_split
     if args.eval_split:
         try:
             eval_raw, _ = _load_raw(args, args.eval_split, False, token)
-        except (FileNotFoundError, KeyError, ValueError, OSError):
+        except ConfigurationError:  # the split exists but is damaged or empty: never fall back silently
+            raise
+        except (FileNotFoundError, KeyError, ValueError, OSError):  # no such split: a held-out part of train below
             eval_raw = None
         if eval_raw is not None:
-            _check_columns(eval_raw, args)
+            _check_columns(eval_raw, args, args.eval_split)
+            check_eval_labels(eval_raw, args.label_column, args.eval_split, len(id2label))
     if eval_raw is None and not args.streaming and args.validation_fraction > 0:
         parts = train_raw.train_test_split(test_size=args.validation_fraction, seed=seed)
         train_raw, eval_raw = parts["train"], parts["test"]
@@ -427,6 +473,16 @@ def open_image_datasets(args: DataArguments, seed: int = 0, token: Optional[str]
     if eval_raw is not None and args.max_eval_samples is not None:
         eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
     return RawImageDatasets(train_raw, eval_raw, id2label, args, eval_split if eval_raw is not None else None, train_files)
+
+
+def _open_eval_only(args: DataArguments, token: Optional[str]) -> RawImageDatasets:
+    if not args.eval_split:
+        raise ConfigurationError("eval_split: an evaluation-only run (--do_train false) needs --eval_split, the split to score")
+    eval_raw, _ = _open_checked(args, args.eval_split, "eval_split", token, streaming=False)
+    id2label = _class_names(eval_raw, args, args.eval_split)
+    if args.max_eval_samples is not None:
+        eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
+    return RawImageDatasets(None, eval_raw, id2label, args, args.eval_split)
 
 
 def prepare_image_datasets(
@@ -445,7 +501,10 @@ def prepare_image_datasets(
     else:
         train_transform = build_train_transform(args, image_size)
         eval_transform = build_eval_transform(args, image_size)
-    if args.streaming:
+    train, train_size = None, None
+    if raw.train is None:
+        pass  # evaluation only
+    elif args.streaming:
         if raw.train_files:
             source = ParquetShards(raw.train_files, args.image_column, args.label_column)
         else:
