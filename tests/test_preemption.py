@@ -75,7 +75,7 @@ def test_sigterm_to_the_process_group_saves_the_step_it_reports_and_resumes_bit_
     err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "DataLoader worker" not in err
-    assert f"stopped at step 3 of 6 on SIGTERM; checkpoint-3 saved in {stopped}" in err
+    assert f"stopped at step 3 of 6 on SIGTERM; checkpoint saved: checkpoint-3 in {stopped}" in err
     # The checkpoint is of the step the run reports, with that step's counters; no final student.
     assert checkpoints(stopped) == ["checkpoint-3"] and not (stopped / "model.safetensors").exists()
     assert_complete_checkpoint(stopped / "checkpoint-3", step=3)

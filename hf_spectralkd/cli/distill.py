@@ -540,7 +540,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: SpectralDis
         # Stopped by SIGTERM (preemption): the checkpoint of that step holds everything; no final student.
         step = trainer.preempted_at_step
         if trainer.is_world_process_zero():
-            print(f"stopped at step {step} of {trainer.state.max_steps} on SIGTERM; checkpoint-{step} saved in "
+            print(f"stopped at step {step} of {trainer.state.max_steps} on SIGTERM; checkpoint saved: checkpoint-{step} in "
                   f"{args.output_dir}; resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     trainer.save_model()
