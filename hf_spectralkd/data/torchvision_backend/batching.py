@@ -93,7 +93,6 @@ class PreparedBatch:
         return pipeline.normalize(batch), decoded
 
 
-
 def collate_prepared(samples: Sequence[Optional[dict[str, Any]]], mixup: Optional[Callable]) -> dict[str, Any]:
     """The collator's batch of prepared samples: ``{ENCODED_IMAGES, "labels", "num_skipped", "num_images"}``.
 

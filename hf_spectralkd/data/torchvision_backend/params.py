@@ -37,7 +37,6 @@ class AugmentParams:
     noise_seed: int
 
 
-
 class _Uniforms:
     """A sample's uniforms in [0, 1), consumed in a fixed order: each decision reads its own slots."""
 
@@ -80,7 +79,6 @@ def random_resized_crop(u: list[float], height: int, width: int, scale_min: floa
         w, h = width, height
     h, w = max(1, min(h, height)), max(1, min(w, width))
     return (height - h) // 2, (width - w) // 2, h, w
-
 
 
 def draw_params(seed: int, height: int, width: int, size: int, policy: Optional[RandAugmentPolicy], scale_min: float,

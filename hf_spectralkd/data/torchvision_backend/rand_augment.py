@@ -24,6 +24,7 @@ RAND_INCREASING_OPS = (
     "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
     "TranslateXRel", "TranslateYRel",
 )
+#: The affine ops: one ``grid_sample`` (:func:`affine`) serves all of them.
 AFFINE_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
 
 
@@ -64,7 +65,6 @@ def parse_rand_augment(policy: Optional[str]) -> Optional[RandAugmentPolicy]:
                              prob=values.get("p", 0.5))
 
 
-
 def op_values(name: str, magnitude: float, negate: bool, size: int) -> tuple[float, ...]:
     """timm's level → argument mapping of an op (``_LEVEL_DENOM`` 10) on a ``size×size`` image.
 
@@ -97,7 +97,6 @@ def op_values(name: str, magnitude: float, negate: bool, size: int) -> tuple[flo
     else:  # AutoContrast, Equalize, Invert
         return (0.0,)
     return matrix
-
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
