@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .streaming import resumes_itself
 from .transforms import sample_seed
 
 
@@ -93,7 +94,7 @@ class DataOrderMixin:
 
     def _init_training_state(self, *args, **kwargs) -> tuple[int, int]:
         epochs_trained, batches_to_skip = super()._init_training_state(*args, **kwargs)
-        if getattr(self.train_dataset, "resumes_itself", False):
+        if resumes_itself(self.train_dataset):
             batches_to_skip = 0
         return epochs_trained, batches_to_skip
 
