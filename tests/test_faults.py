@@ -180,3 +180,46 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
         assert time.time() - lock.path.stat().st_mtime < 5
     finally:
         lock.release()
+
+
+def _contend(folders: list[str], barrier, results) -> None:
+    """One of several processes that all try to take over each folder's stale lock at the same moment."""
+    for index, folder in enumerate(folders):
+        barrier.wait(timeout=30)
+        lock = OutputDirLock(folder)
+        try:
+            lock.acquire()
+            owner = json.loads(lock.path.read_text())["pid"]
+        except OutputDirLockedError:
+            owner = None
+        except Exception as error:  # noqa: BLE001 - e.g. its lock file removed by another holder: reported, not hung
+            owner = repr(error)
+        results.put((index, os.getpid(), owner))
+        barrier.wait(timeout=30)  # every contender has tried before the holder lets go
+        lock.release()
+
+
+def test_several_processes_taking_over_one_stale_lock_leave_exactly_one_holder(tmp_path):
+    import multiprocessing
+
+    contenders, rounds = 6, 100  # about 1 s; before the take-over was serialised, 4 to 6 rounds in 100 had two holders
+    stale = dead_pid()
+    folders = [str(write_lock(tmp_path / f"round-{index}", stale, socket.gethostname()).parent) for index in range(rounds)]
+    context = multiprocessing.get_context("fork")  # the workers start in milliseconds, with the module imported
+    barrier, results = context.Barrier(contenders), context.Queue()
+    workers = [context.Process(target=_contend, args=(folders, barrier, results), daemon=True) for _ in range(contenders)]
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = [results.get(timeout=60) for _ in range(contenders * rounds)]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    holders = {index: [pid for i, pid, owner in outcomes if i == index and owner is not None] for index in range(rounds)}
+    not_one = {index: pids for index, pids in holders.items() if len(pids) != 1}
+    assert not not_one, f"rounds without exactly one holder: {not_one}"
+    # Each holder found its own pid in the lock file, and released it.
+    assert all(owner == pid for _, pid, owner in outcomes if owner is not None)
+    assert not any((Path(folder) / LOCK_FILE).exists() for folder in folders)
