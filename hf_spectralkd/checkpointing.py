@@ -169,10 +169,11 @@ class AtomicCheckpointMixin:
             failed = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
         if not failed:
             return
-        if self.args.should_save and staging_root is not None:
-            shutil.rmtree(staging_root, ignore_errors=True)  # give the space of the partial copy back
-        last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        # Asked before the partial copy gives its space back: the file system as the failed write saw it.
         cause = write_failure(failure, run_dir) if failure is not None else "the save failed on another process"
+        if self.args.should_save and staging_root is not None:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
         kept = f"{os.path.basename(last)} is the last complete checkpoint" if last else "no complete checkpoint exists yet"
         error_type = CheckpointSaveError if staging_root is not None else WriteFailedError
         raise error_type(f"{what} in '{run_dir}': {cause}; {kept}. {FREE_SPACE}") from failure
@@ -360,6 +361,11 @@ def checkpoint_folders(output_dir) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
     return [path for _, path in sorted(found)]
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether ``folder`` is itself a ``checkpoint-N`` (by its name, or by the manifest only checkpoints have)."""
+    return bool(_CHECKPOINT_PATTERN.match(folder.name)) or (folder / MANIFEST_FILE).is_file()
 
 
 def newest_verified_checkpoint(output_dir: str, argument: str = "resume_from_checkpoint") -> str:
