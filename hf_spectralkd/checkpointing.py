@@ -72,8 +72,10 @@ _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 #: What to do about a damaged checkpoint.
 OTHER_CHECKPOINT = ("resume from an earlier checkpoint-* (`hf-spectralkd verify OUTPUT_DIR` lists those that load), or "
                     "copy the checkpoint again")
-#: What to do after a failed write.
+#: What to do after a failed write of a checkpoint, and of the final student (the run is trained to its end then).
 FREE_SPACE = "Free space (or make the file system writable again) and resume with --resume_from_checkpoint true"
+FREE_SPACE_FINISHED = ("Free space (or make the file system writable again); the checkpoints are intact "
+                       "(`hf-spectralkd verify OUTPUT_DIR`)")
 #: What torch.save's C++ zip writer raises (a RuntimeError without the errno) when the disk fills under it: the
 #: failed stream write, then the size check at the archive's end (both seen on a full tmpfs with torch 2.x).
 _TORCH_WRITE_FAILURES = ("iostream error", "unexpected pos", "file write failed")
@@ -175,8 +177,9 @@ class AtomicCheckpointMixin:
             shutil.rmtree(staging_root, ignore_errors=True)
         last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
         kept = f"{os.path.basename(last)} is the last complete checkpoint" if last else "no complete checkpoint exists yet"
-        error_type = CheckpointSaveError if staging_root is not None else WriteFailedError
-        raise error_type(f"{what} in '{run_dir}': {cause}; {kept}. {FREE_SPACE}") from failure
+        checkpoint = staging_root is not None
+        error_type, remedy = (CheckpointSaveError, FREE_SPACE) if checkpoint else (WriteFailedError, FREE_SPACE_FINISHED)
+        raise error_type(f"{what} in '{run_dir}': {cause}; {kept}. {remedy}") from failure
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(resume_from_checkpoint):
