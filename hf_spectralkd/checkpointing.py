@@ -433,7 +433,7 @@ class OutputDirLock:
 
     Judging a lock and replacing it happen under an ``flock`` of the run folder (:func:`_one_at_a_time`):
     without it, two processes that both judged the same lock stale could each remove what the other
-    had just created and both go on (2 of 6 processes held one lock in 4 of 30 rounds,
+    had just created and both go on (two or three of 6 processes held one lock in 6 of 100 rounds,
     ``tests/test_faults.py``). A lock file that cannot be written (a full disk) is removed again, so no
     empty lock is left to block the folder.
 
