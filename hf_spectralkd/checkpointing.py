@@ -3,8 +3,9 @@
 * :class:`AtomicCheckpointMixin` (mixed into the trainer): every ``checkpoint-N`` is written into
   ``<output_dir>/.checkpoint-staging/`` and renamed into place after its files are flushed, so a
   crash, a kill or a full disk mid-save never leaves a ``checkpoint-N`` that resume would trust. A
-  failed write stops the run with :class:`~hf_spectralkd.errors.CheckpointSaveError` naming the
-  folder, the cause and the last complete checkpoint.
+  failed write (:func:`write_failure`), of a checkpoint or of the final student, stops the run with
+  :class:`~hf_spectralkd.errors.CheckpointSaveError` / :class:`~hf_spectralkd.errors.WriteFailedError`
+  naming the folder, the cause and the last complete checkpoint.
 * Reloads go through ``from_pretrained``: transformers 5.23 restores ViT-family checkpoints with a
   raw ``load_state_dict`` whose keys (the in-memory names) do not match the saved ones (the Hub
   names), so a resumed run silently restarts from its initial weights
@@ -16,11 +17,12 @@
   error) is skipped with a warning instead of crashing the resumed run.
 * :class:`OutputDirLock`: a lock file in ``output_dir`` holding the owner's pid and host, kept
   fresh by a heartbeat, so a second run started on the same folder stops at once while the lock of
-  a run that died is taken over.
+  a run that died is taken over, by one process only when several try at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,15 +42,22 @@ from transformers.trainer_utils import (
     rotate_checkpoints,
 )
 
-from .errors import CheckpointSaveError, ConfigurationError, OutputDirLockedError
+from .errors import CheckpointSaveError, ConfigurationError, OutputDirLockedError, WriteFailedError
 from .integrity import (
     damaged,
+    first_line,
     has_weights,
     loading_problems,
     model_folder_problems,
     read_json,
+    saved_model_problems,
     torch_file_problem,
 )
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the take-over of a stale lock is then not serialised
+    fcntl = None
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,15 @@ _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 #: What to do about a damaged checkpoint.
 OTHER_CHECKPOINT = ("resume from an earlier checkpoint-* (`hf-spectralkd verify OUTPUT_DIR` lists those that load), or "
                     "copy the checkpoint again")
+#: What to do after a failed write of a checkpoint, and of the final student (the run is trained to its end then).
+FREE_SPACE = "Free space (or make the file system writable again) and resume with --resume_from_checkpoint true"
+FREE_SPACE_FINISHED = ("Free space (or make the file system writable again); the checkpoints are intact "
+                       "(`hf-spectralkd verify OUTPUT_DIR`)")
+#: What torch.save's C++ zip writer raises (a RuntimeError without the errno) when the disk fills under it: the
+#: failed stream write, then the size check at the archive's end (both seen on a full tmpfs with torch 2.x).
+_TORCH_WRITE_FAILURES = ("iostream error", "unexpected pos", "file write failed")
+#: Below this, a file system counts as full in messages: a write that failed for want of space leaves less than a page.
+_FULL_BELOW_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +100,7 @@ class AtomicCheckpointMixin:
         staging_root = os.path.join(run_dir, STAGING_DIR)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        failure: Optional[OSError] = None
+        failure: Optional[BaseException] = None
         if self.args.should_save and os.path.exists(staged):
             shutil.rmtree(staged)
         self.accelerator.wait_for_everyone()
@@ -94,7 +112,9 @@ class AtomicCheckpointMixin:
                 for file_name, payload in extras.items():
                     with open(os.path.join(staged, file_name), "w", encoding="utf-8") as handle:
                         json.dump(payload, handle)
-        except OSError as error:  # full disk, lost mount, quota: report it, keep what is complete
+        except Exception as error:  # noqa: BLE001 - a full disk, a lost mount, a quota: report it, keep what is complete
+            if write_failure(error, run_dir) is None:
+                raise  # a bug keeps its traceback
             failure = error
         finally:
             self._staging_root = None
@@ -106,7 +126,7 @@ class AtomicCheckpointMixin:
                 publish_staged_folder(staged, final)
             except OSError as error:
                 failure = error
-        self._raise_if_any_process_failed(failure, final, staging_root)
+        self._raise_if_any_write_failed(failure, f"checkpoint: could not write {name}", run_dir, staging_root)
         self.accelerator.wait_for_everyone()
         value = self.state.best_model_checkpoint
         if value and value.startswith(staging_root):
@@ -123,7 +143,26 @@ class AtomicCheckpointMixin:
         """JSON files (name → payload) added to every checkpoint; computed on every process, so collectives are allowed."""
         return {}
 
-    def _raise_if_any_process_failed(self, failure: Optional[OSError], final: str, staging_root: str) -> None:
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """``Trainer._save`` (the weights, config and processor); a failed write of the final student is one line.
+
+        Inside a checkpoint (``_staging_root`` set) its failures are left to :meth:`_save_checkpoint`.
+        """
+        if self._staging_root is not None:
+            return super()._save(output_dir, state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        failure: Optional[BaseException] = None
+        try:
+            super()._save(output_dir, state_dict)
+        except Exception as error:  # noqa: BLE001 - see _save_checkpoint
+            if write_failure(error, folder) is None:
+                raise
+            failure = error
+        self._raise_if_any_write_failed(failure, "output_dir: could not write the final student", folder)
+
+    def _raise_if_any_write_failed(self, failure: Optional[BaseException], what: str, run_dir: str,
+                                   staging_root: Optional[str] = None) -> None:
+        """Raise ``<what> in '<run_dir>': <cause>; <last checkpoint>. <remedy>`` on every process if one failed."""
         failed = failure is not None
         if self.accelerator.num_processes > 1:
             import torch
@@ -132,16 +171,15 @@ class AtomicCheckpointMixin:
             failed = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
         if not failed:
             return
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # give the space of the partial copy back
-        run_dir = os.path.dirname(final)
+        # Asked before the partial copy gives its space back: the file system as the failed write saw it.
+        cause = write_failure(failure, run_dir) if failure is not None else "the save failed on another process"
+        if self.args.should_save and staging_root is not None:
+            shutil.rmtree(staging_root, ignore_errors=True)
         last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-        cause = f"{failure}" if failure is not None else "the save failed on another process"
         kept = f"{os.path.basename(last)} is the last complete checkpoint" if last else "no complete checkpoint exists yet"
-        raise CheckpointSaveError(
-            f"checkpoint: could not write {os.path.basename(final)} in '{run_dir}': {cause}; {kept}. Free space and "
-            "resume with --resume_from_checkpoint true"
-        ) from failure
+        checkpoint = staging_root is not None
+        error_type, remedy = (CheckpointSaveError, FREE_SPACE) if checkpoint else (WriteFailedError, FREE_SPACE_FINISHED)
+        raise error_type(f"{what} in '{run_dir}': {cause}; {kept}. {remedy}") from failure
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _single_file_checkpoint(resume_from_checkpoint):
@@ -170,6 +208,40 @@ def publish_staged_folder(staged: str, final: str) -> None:
     os.replace(staged, final)
     _fsync_dir(os.path.dirname(final))
     shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
+
+
+def write_failure(error: BaseException, folder: str) -> Optional[str]:
+    """Why writing under ``folder`` failed, in a few words, when ``error`` is a failed write; ``None`` when it is not.
+
+    A full disk, a read-only or lost mount or a quota reaches the savers in three forms: an
+    ``OSError`` from Python's own writes, a ``SafetensorError`` ("I/O error: No space left on device
+    (os error 28)") from safetensors, and a ``RuntimeError`` without the errno from ``torch.save``'s
+    C++ writer, for which the file system is asked what went wrong. Anything else is a bug and keeps its traceback.
+    """
+    if isinstance(error, OSError):
+        return str(error)
+    message = first_line(error)
+    if type(error).__name__ == "SafetensorError" and "I/O error" in message:
+        return message
+    if isinstance(error, RuntimeError) and any(text in str(error) for text in _TORCH_WRITE_FAILURES):
+        return file_system_state(folder) or f"torch.save could not write ({message})"
+    return None
+
+
+def file_system_state(folder: str) -> Optional[str]:
+    """``"read-only file system"`` or ``"no space left on device (N bytes free)"`` for the file system of
+    ``folder`` (or of its nearest existing parent), ``None`` when it is writable with room to spare."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    free = stats.f_bavail * stats.f_frsize
+    return f"no space left on device ({free:,} bytes free)" if free < _FULL_BELOW_BYTES else None
 
 
 def _single_file_checkpoint(folder: Optional[str]) -> bool:
@@ -272,9 +344,7 @@ def verify_checkpoint(folder) -> list[str]:
     sharded_elsewhere = any(p.is_dir() and (p.name.startswith("global_step") or p.name.startswith("pytorch_model_fsdp"))
                             for p in folder.iterdir())
     if has_weights(folder) or not sharded_elsewhere:
-        problems += model_folder_problems(folder)
-        if not has_weights(folder):
-            problems.append("model.safetensors is missing")
+        problems += saved_model_problems(folder)
     for path in sorted(folder.iterdir()):
         if _TORCH_STATE_PATTERN.match(path.name):
             problem = torch_file_problem(path)
@@ -294,6 +364,11 @@ def checkpoint_folders(output_dir) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
     return [path for _, path in sorted(found)]
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether ``folder`` is itself a ``checkpoint-N`` (by its name, or by the manifest only checkpoints have)."""
+    return bool(_CHECKPOINT_PATTERN.match(folder.name)) or (folder / MANIFEST_FILE).is_file()
 
 
 def newest_verified_checkpoint(output_dir: str, argument: str = "resume_from_checkpoint") -> str:
@@ -356,7 +431,14 @@ class OutputDirLock:
     its owner is a dead process on this host, or when its heartbeat is older than ``stale_after_s``
     (an owner on another host that stopped without cleaning up).
 
-    Use as a context manager or call :meth:`acquire` / :meth:`release`. Re-entrant within a process.
+    Judging a lock and replacing it happen under an ``flock`` of the run folder (:func:`_one_at_a_time`):
+    without it, two processes that both judged the same lock stale could each remove what the other
+    had just created and both go on (two or three of 6 processes held one lock in 6 of 100 rounds,
+    ``tests/test_faults.py``). A lock file that cannot be written (a full disk) is removed again, so no
+    empty lock is left to block the folder.
+
+    Use as a context manager or call :meth:`acquire` / :meth:`release`. Re-entrant within a process
+    (the recipe holds it, then ``Trainer.train`` asks again).
     """
 
     def __init__(self, output_dir: str, heartbeat_s: float = 30.0, stale_after_s: float = 300.0):
@@ -391,7 +473,21 @@ class OutputDirLock:
     def acquire(self) -> "OutputDirLock":
         if self._held:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _one_at_a_time(self.path.parent):
+                self._take()
+        except OSError as error:  # a full disk or a read-only mount, before the run has written anything
+            raise WriteFailedError(f"output_dir: cannot write the run's lock file in '{self.path.parent}': {error}; "
+                                   "free space or choose another --output_dir") from error
+        if self._created:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name="output-dir-lock", daemon=True)
+            self._thread.start()
+        return self
+
+    def _take(self) -> None:
+        """Create the lock file, or take over a stale one; only one process at a time runs this."""
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -401,7 +497,7 @@ class OutputDirLock:
                     continue  # released meanwhile
                 if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
                     self._held = True  # this process already holds it (recipe, then Trainer.train)
-                    return self
+                    return
                 if not self._is_stale(owner):
                     raise OutputDirLockedError(
                         f"output_dir: '{self.path.parent}' is in use by another run (pid {owner.get('pid')} on "
@@ -411,13 +507,14 @@ class OutputDirLock:
                                owner.get("pid"), owner.get("host"), self.path.parent)
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self._record(), handle)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(self._record(), handle)
+            except BaseException:
+                self.path.unlink(missing_ok=True)  # an empty lock would block the folder for stale_after_s
+                raise
             self._held = self._created = True
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._beat, name="output-dir-lock", daemon=True)
-            self._thread.start()
-            return self
+            return
         raise OutputDirLockedError(f"output_dir: could not lock '{self.path.parent}' (the lock file keeps changing)")
 
     def _beat(self) -> None:
@@ -437,13 +534,40 @@ class OutputDirLock:
         self._stop.set()
         owner = self._read()
         if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as error:  # a read-only remount: the run's own error must not be buried under this one
+                logger.warning("could not remove the lock file %s (%s); the next run takes it over, its process being "
+                               "gone", self.path, error.strerror or error)
 
     def __enter__(self) -> "OutputDirLock":
         return self.acquire()
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def _one_at_a_time(folder: Path):
+    """Hold an exclusive ``flock`` on ``folder`` itself for the block (released by the kernel if the process dies).
+
+    Where the file system refuses it (NFS refuses an flock on a folder, as do some FUSE mounts), the
+    block runs unserialised, as before: a stale lock is then rarely taken over by two processes at once.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as error:
+                logger.debug("no flock on %s (%s): the lock is taken without it", folder, error)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _process_alive(pid: int) -> bool:
@@ -461,18 +585,20 @@ def acquire_run_lock(accelerator, output_dir: str) -> Optional[OutputDirLock]:
 
     Returns the lock (main process) or ``None`` (other processes); release it when the run ends.
     """
-    lock, message = None, ""
+    lock, failure = None, None
     if accelerator.is_main_process:
         try:
             lock = OutputDirLock(output_dir).acquire()
-        except OutputDirLockedError as error:
-            message = str(error)
+        except (OutputDirLockedError, WriteFailedError) as error:
+            failure = error
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        shared = [message]
+        shared = [(type(failure), str(failure)) if failure is not None else None]
         broadcast_object_list(shared, from_process=0)
-        message = shared[0]
-    if message:
-        raise OutputDirLockedError(message)
+        if shared[0] is not None:
+            error_type, message = shared[0]
+            failure = failure or error_type(message)
+    if failure is not None:
+        raise failure
     return lock
