@@ -196,6 +196,28 @@ def make_bad_image_folder(root: Path, text_files: int = 1, good_format: str = "p
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "run_distill.py"
 RECIPE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+FAULTY_RECIPE = ROOT / "tests" / "scripts" / "faulty_recipe.py"
+
+
+def checkpoints(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def assert_complete_checkpoint(folder: Path, step: int) -> None:
+    """Everything resume reads is there and loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+    torch.load(folder / "optimizer.pt", weights_only=True)
+    torch.load(folder / "scheduler.pt", weights_only=True)
+
+
+def run_with_fault(argv: list[str], fault: str, **popen) -> subprocess.Popen:
+    env = {**RECIPE_ENV, "HF_SPECTRALKD_TEST_FAULT": fault}
+    return subprocess.Popen([sys.executable, str(FAULTY_RECIPE), *argv], env=env, **popen)
 
 
 def tiny_run_args(saved_models, dataset, output_dir, *extra):

@@ -15,32 +15,20 @@ from pathlib import Path
 
 import pytest
 import run_distill
-import torch
-from helpers import RECIPE, RECIPE_ENV, ROOT, run_and_capture, tiny_run_args
-from safetensors.torch import load_file
+from helpers import (
+    FAULTY_RECIPE,
+    RECIPE,
+    RECIPE_ENV,
+    assert_complete_checkpoint,
+    checkpoints,
+    run_and_capture,
+    run_with_fault,
+    tiny_run_args,
+)
 
 from hf_spectralkd.checkpointing import LOCK_FILE, STAGING_DIR, OutputDirLock, verify_checkpoint
 from hf_spectralkd.cli import main as cli_main
 from hf_spectralkd.errors import OutputDirLockedError, WriteFailedError
-
-FAULTY_RECIPE = ROOT / "tests" / "scripts" / "faulty_recipe.py"
-
-
-def checkpoints(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
-
-
-def assert_complete_checkpoint(folder: Path, step: int) -> None:
-    """Everything resume reads is there and loads."""
-    assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
-    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
-    torch.load(folder / "optimizer.pt", weights_only=True)
-    torch.load(folder / "scheduler.pt", weights_only=True)
-
-
-def run_with_fault(argv: list[str], fault: str, **popen) -> subprocess.Popen:
-    env = {**RECIPE_ENV, "HF_SPECTRALKD_TEST_FAULT": fault}
-    return subprocess.Popen([sys.executable, str(FAULTY_RECIPE), *argv], env=env, **popen)
 
 
 def test_full_disk_at_the_second_save_stops_with_one_line_and_the_first_checkpoint_resumes(

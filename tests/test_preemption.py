@@ -18,9 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RECIPE, RECIPE_ENV, SyntheticImageDataset, run_recipe_process, tiny_cait, tiny_run_args, tiny_vit
+from helpers import (
+    RECIPE,
+    RECIPE_ENV,
+    SyntheticImageDataset,
+    assert_complete_checkpoint,
+    checkpoints,
+    run_recipe_process,
+    run_with_fault,
+    tiny_cait,
+    tiny_run_args,
+    tiny_vit,
+)
 from safetensors.torch import load_file
-from test_faults import assert_complete_checkpoint, checkpoints, run_with_fault
 
 import hf_spectralkd.checkpointing as checkpointing
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
