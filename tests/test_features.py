@@ -140,6 +140,10 @@ def test_adapters_read_prefix_tokens_from_the_model(vit, deit, swin, cait, lift,
     with torch.no_grad():  # the count matches the tokens in front of the 16 patch tokens of a 32 px input
         tokens = deit(pixel_values=torch.zeros(1, 3, 32, 32), output_hidden_states=True).hidden_states[1]
     assert tokens.shape[1] - 16 == 2
+    # Under DeepSpeed ZeRO-3 a partitioned parameter is empty and keeps its full shape in ds_shape.
+    token = deit.deit.embeddings.distillation_token
+    token.data, token.ds_shape = torch.empty(0), token.shape
+    assert adapter_for(deit).prefix_tokens(deit) == 2
 
 
 def test_describe_taps_measures_stages_that_round_up():
@@ -156,6 +160,19 @@ def test_describe_taps_measures_stages_that_round_up():
     measured = tuple(tuple(m.shape[2:]) for m in maps)
     assert measured[-1] == (4, 4) and taps.grids == measured
     assert [taps.shape(i) for i in range(taps.num_layers)] == [tuple(m.shape[1:]) for m in maps]
+
+
+def test_layer_map_rejects_a_pair_that_only_the_arithmetic_grid_would_match():
+    from helpers import timm_efficientvit_m0
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_spectralkd.errors import ConfigurationError
+    from hf_spectralkd.layer_map import build_layer_map
+
+    student = ViTForImageClassification(ViTConfig(image_size=48, patch_size=16, hidden_size=32, num_hidden_layers=3,
+                                                  num_attention_heads=2, intermediate_size=64, num_labels=5))
+    with pytest.raises(ConfigurationError, match=r"student layer 2 is 3×3 but teacher layer 2 is 4×4"):
+        build_layer_map(student, timm_efficientvit_m0(), [2], [2])
 
 
 def test_describe_taps_measures_a_non_square_vit_grid_and_caches_per_model():

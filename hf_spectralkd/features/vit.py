@@ -50,9 +50,10 @@ class ViTAdapter(TapAdapter):
 
     def prefix_tokens(self, model: nn.Module) -> int:
         embeddings = model.base_model.embeddings
-        # Each prefix parameter is 1×T×C: T tokens in front of the patch tokens.
-        return sum(int(getattr(embeddings, name).shape[1]) for name in PREFIX_TOKEN_PARAMETERS
-                   if getattr(embeddings, name, None) is not None)
+        parameters = [getattr(embeddings, name, None) for name in PREFIX_TOKEN_PARAMETERS]
+        # Each prefix parameter is 1×T×C: T tokens in front of the patch tokens. DeepSpeed ZeRO-3 empties
+        # every partitioned parameter's shape and keeps the full one in ds_shape.
+        return sum(int(getattr(p, "ds_shape", p.shape)[1]) for p in parameters if p is not None)
 
     def forward_kwargs(self, model: nn.Module, layers: Sequence[int]) -> dict[str, Any]:
         # ViT/DeiT (transformers >= 5.23) keep only the hidden states listed, by their index in the full
