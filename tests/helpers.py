@@ -73,6 +73,16 @@ def tiny_cait(num_labels: int = 5, embed_dim: int = 64, depth: int = 4, seed: in
     return AutoModelForImageClassification.from_config(config)
 
 
+def timm_efficientvit_m0(num_labels: int = 5, seed: int = 0):
+    """timm ``efficientvit_m0`` (2.3 M parameters) at its 224 px through TimmWrapper: a hierarchical timm model
+    whose stride-2 stages round up (14 → 7 → 4), unlike its ``feature_info`` reductions (16, 32, 64)."""
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    torch.manual_seed(seed)
+    config = TimmWrapperConfig(architecture="efficientvit_m0", num_labels=num_labels)
+    return AutoModelForImageClassification.from_config(config)
+
+
 def class_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """A learnable synthetic image: a bright square whose position encodes the class, plus noise."""
     array = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
