@@ -157,9 +157,9 @@ def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path)
     path = write_lock(tmp_path / "stale", dead_pid(), socket.gethostname())
     with OutputDirLock(str(tmp_path / "stale")):
         assert json.loads(path.read_text())["pid"] == os.getpid()
-        with OutputDirLock(str(tmp_path / "stale")):  # re-entrant: the recipe, then Trainer.train
-            pass
-        assert path.exists()  # the inner holder did not remove the outer one's lock
+        with pytest.raises(OutputDirLockedError, match="in use by another run"):  # one holder per run: not re-entrant
+            OutputDirLock(str(tmp_path / "stale")).acquire()
+        assert path.exists()  # the refused second holder did not remove the first one's lock
     assert not path.exists()
 
 

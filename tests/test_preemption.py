@@ -22,7 +22,7 @@ from helpers import RECIPE, RECIPE_ENV, SyntheticImageDataset, run_recipe_proces
 from safetensors.torch import load_file
 from test_faults import assert_complete_checkpoint, checkpoints, run_with_fault
 
-import hf_spectralkd.checkpointing as checkpointing
+import hf_spectralkd.checkpointing.atomic as checkpointing
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.checkpointing import LOCK_FILE
 

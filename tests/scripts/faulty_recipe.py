@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import hf_spectralkd.checkpointing as checkpointing
+import hf_spectralkd.checkpointing.atomic as checkpointing
 from hf_spectralkd.cli.distill import main
-from hf_spectralkd.trainer import SpectralDistillationTrainer
+from hf_spectralkd.training import SpectralDistillationTrainer
 
 fault, _, value = os.environ["HF_SPECTRALKD_TEST_FAULT"].partition(":")
 

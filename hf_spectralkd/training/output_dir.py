@@ -1,0 +1,79 @@
+"""The output folder of a run: refused when it holds another run, cleared on ``--overwrite_output_dir``.
+
+Both are applied by ``SpectralDistillationTrainer.train``, the clearing while it holds the folder's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: str = "output_dir") -> None:
+    """Refuse an unwritable folder, or one holding another run unless overwriting or resuming."""
+    path = Path(output_dir)
+    probe_dir = path
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+        probe_dir = probe_dir.parent
+    if probe_dir.exists() and not probe_dir.is_dir():
+        raise ConfigurationError(f"{argument}: '{output_dir}' is inside a file ('{probe_dir}'), not a folder")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{argument}: '{output_dir}' is not writable (no write permission on '{probe_dir}')")
+    if overwrite and resume and Path(resume).resolve().is_relative_to(path.resolve()):
+        raise ConfigurationError(
+            f"overwrite_output_dir: true would delete the checkpoint resumed from ('{resume}'); drop "
+            "--overwrite_output_dir to continue that run, or drop --resume_from_checkpoint to start over"
+        )
+    if path.is_dir() and not overwrite and not resume:
+        previous = sorted(p.name for p in path.iterdir() if p.name.startswith("checkpoint-") or p.name == "trainer_state.json")
+        if previous:
+            raise ConfigurationError(
+                f"{argument}: '{output_dir}' already holds a run ({', '.join(previous[:3])}); pass "
+                "--resume_from_checkpoint true to continue it, --overwrite_output_dir true to start over, or choose "
+                "another --output_dir"
+            )
+
+
+#: What a finished or interrupted run leaves in its output folder beside its checkpoints: the final student, its
+#: card and the run's records. ``--overwrite_output_dir`` removes them with the checkpoints, so that neither a resume
+#: nor a reader of the folder can take the previous run for the new one.
+PREVIOUS_RUN_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "config.json", "preprocessor_config.json", "README.md",
+    "training_args.bin", "trainer_state.json", "results.json", "run_config.json", "all_results.json",
+    "train_results.json", "eval_results.json", "spectral_profiles.json", "spectral_profiles.png",
+    "spectral_dynamics.jsonl",
+)
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Delete the previous run of ``output_dir`` (``--overwrite_output_dir true``): its ``checkpoint-*`` folders, an
+    unfinished save and :data:`PREVIOUS_RUN_FILES`. Call it holding the folder's lock. Returns what was removed.
+
+    Without it a new run kept the old run's newer checkpoints, and a later ``--resume_from_checkpoint true``
+    continued the *old* run's weights under the new run's name.
+    """
+    import re
+    import shutil
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in sorted(root.iterdir()):
+        folder = entry.is_dir() and not entry.is_symlink()
+        if folder and (re.fullmatch(r"checkpoint-\d+", entry.name) or entry.name == ".checkpoint-staging"):
+            shutil.rmtree(entry)
+        elif entry.name in PREVIOUS_RUN_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", entry.name):
+            entry.unlink()
+        else:
+            continue
+        removed.append(entry.name)
+    if removed:
+        logger.warning("overwrite_output_dir: removed the previous run from '%s': %s", output_dir, ", ".join(removed))
+    return removed
