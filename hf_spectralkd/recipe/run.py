@@ -26,6 +26,7 @@ from ..preprocessing import input_spec_of, spec_from_processor, student_image_si
 from ..summary import RunSummary, layer_map_record
 from ..teacher import TeacherClassifier, teacher_label_order
 from ..training import SpectralDistillationTrainer
+from ..training.output_dir import check_writable
 from .arguments import parse_arguments, streamed_max_steps
 from .report import (
     LabelsOnly,
@@ -58,6 +59,7 @@ def run(argv: list[str]) -> int:
 
         require_online_hub("push_to_hub", "pass --push_to_hub false and upload the finished run later with "
                            "`hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME`")
+    check_writable(args.output_dir)  # before data is cached there; the rest of the folder check is the trainer's
     set_seed(args.seed)
     ensure_deepspeed_distributed(args)
     token = os.environ.get("HF_TOKEN") or None  # --hub_token was moved there by the entry point; never logged

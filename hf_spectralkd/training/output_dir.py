@@ -15,8 +15,8 @@ from ..errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: str = "output_dir") -> None:
-    """Refuse an unwritable folder, or one holding another run unless overwriting or resuming."""
+def check_writable(output_dir: str, argument: str = "output_dir") -> Path:
+    """Refuse an ``output_dir`` that cannot be created or written (checked before any data is cached in it)."""
     path = Path(output_dir)
     probe_dir = path
     while not probe_dir.exists() and probe_dir.parent != probe_dir:
@@ -25,6 +25,12 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: st
         raise ConfigurationError(f"{argument}: '{output_dir}' is inside a file ('{probe_dir}'), not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise ConfigurationError(f"{argument}: '{output_dir}' is not writable (no write permission on '{probe_dir}')")
+    return path
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: Any, argument: str = "output_dir") -> None:
+    """Refuse an unwritable folder, or one holding another run unless overwriting or resuming."""
+    path = check_writable(output_dir, argument)
     if overwrite and resume and Path(resume).resolve().is_relative_to(path.resolve()):
         raise ConfigurationError(
             f"overwrite_output_dir: true would delete the checkpoint resumed from ('{resume}'); drop "
