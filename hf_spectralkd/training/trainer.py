@@ -236,8 +236,7 @@ class SpectralDistillationTrainer(Trainer):
             self._nonfinite.update(components, step)  # on the device: no synchronisation here
             if args.nonfinite_check_interval and step % args.nonfinite_check_interval == 0:
                 self._check_finite(step)
-        sums = self._loss_sums[mode]
-        self._loss_sums[mode] = components if sums is None else sums + components
+        self._loss_sums[mode] = components if self._loss_sums[mode] is None else self._loss_sums[mode] + components
         self._loss_counts[mode] += 1
         if return_outputs:  # only logits: hidden states are never gathered over the eval set
             return losses.total, ImageClassifierOutput(logits=outputs.logits)
@@ -249,15 +248,14 @@ class SpectralDistillationTrainer(Trainer):
         if self.args.stop_on_nonfinite_loss:
             detected_at = self.state.global_step if step is None else step
             self._nonfinite.check(self.accelerator, detected_at, self.args.output_dir)
-
     # Checkpoints: atomic, with the parts' state; weights reloaded through from_pretrained (checkpointing.reload).
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         self._check_finite()  # never write weights a non-finite loss has touched
-        save = super()._save_checkpoint
-        self._checkpoints.save(super()._get_output_dir(trial), self.state, lambda: save(model, trial))
+        save, run_dir = super()._save_checkpoint, super()._get_output_dir(trial)
+        self._checkpoints.save(run_dir, self.state, lambda: save(model, trial))
         self._saved_step = self.state.global_step
 
-    def _get_output_dir(self, trial) -> str:
+    def _get_output_dir(self, trial) -> str:  # the staging folder while the writer saves
         return self._checkpoints.run_dir(super()._get_output_dir(trial))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
@@ -284,7 +282,6 @@ class SpectralDistillationTrainer(Trainer):
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         self.control.should_training_stop = True
         self.preempted_at_step = self.state.global_step
-
     # Data: order, resume position, workers, and batches of encoded images decoded on the device.
     def _get_dataloader(self, *args: Any, **kwargs: Any):
         # Workers ignore SIGTERM/SIGINT: a process-group signal must not kill them under the run (see .preemption).
@@ -306,7 +303,6 @@ class SpectralDistillationTrainer(Trainer):
         # The Trainer counts FLOPs on the batch as the DataLoader gave it: count the pixels it decodes to.
         encoded = inputs.get(ENCODED_IMAGES) if isinstance(inputs, Mapping) else None
         return super().floating_point_ops({"pixel_values": encoded} if encoded is not None else inputs)
-
     # Optimizer (DeiT's decay groups and schedule) and the model card.
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return self._optimization.decay_parameter_names(model)
