@@ -137,7 +137,6 @@ class SpectralDistillationTrainer(Trainer):
         self._loss_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
         self._loss_counts = {"train": 0, "eval": 0}
         self._feature_key = f"loss_{args.feature_loss}"
-        # The parts (see the module docstring).
         self.image_counter = ImageCounter(self.accelerator, args.device, args.max_skipped_fraction)
         self.run_record = RunRecord(args, lambda: self.model)
         self._checkpoints = AtomicCheckpointWriter(self.accelerator, args, {
