@@ -29,7 +29,11 @@ class TooManyBadImagesError(RunFailedError):
     """More images of a split failed to decode than ``max_skipped_fraction`` allows."""
 
 
-class CheckpointSaveError(RunFailedError):
+class WriteFailedError(RunFailedError):
+    """A file of the run could not be written (a full disk, a read-only or lost mount, a quota)."""
+
+
+class CheckpointSaveError(WriteFailedError):
     """A checkpoint could not be written (full disk, lost mount); earlier checkpoints are complete."""
 
 

@@ -9,6 +9,8 @@ before every load of a teacher, a student, a checkpoint or a finished run:
 * :func:`model_folder_problems`: ``config.json`` parses, and every weights file transformers would
   read (``model.safetensors``, each shard named by the index, or the ``pytorch_model.bin`` variants)
   exists and its header describes exactly the bytes the file holds.
+* :func:`saved_model_problems`: the same for a folder that must hold weights (a checkpoint, a
+  finished run), whose absence is then a problem too.
 * :func:`loading_problems`: after ``from_pretrained(..., output_loading_info=True)``, tensors that
   the weights lack or hold in another shape than ``config.json`` asks for.
 * :func:`damaged`: the one-line :class:`~hf_spectralkd.errors.DamagedFileError` for a list of them.
@@ -208,6 +210,16 @@ def model_folder_problems(folder: PathLike, with_weights: bool = True) -> list[s
     """Everything wrong with a ``save_pretrained`` folder that can be seen without building the model."""
     folder = Path(folder)
     return config_problems(folder) + (weights_problems(folder) if with_weights else [])
+
+
+def saved_model_problems(folder: PathLike) -> list[str]:
+    """:func:`model_folder_problems` of a folder that must hold weights (a checkpoint, a finished run's student).
+
+    A loader may build a model from a folder with ``config.json`` alone; a saved model without its
+    weights is what a save cut short by a full disk leaves.
+    """
+    folder = Path(folder)
+    return model_folder_problems(folder) + ([] if has_weights(folder) else [f"{SAFE_WEIGHTS} is missing"])
 
 
 def check_model_folder(folder: PathLike, argument: str, with_weights: bool = True, remedy: str = COPY_AGAIN) -> None:

@@ -46,10 +46,9 @@ class LayerPair:
 def check_layer_indices(layers: Sequence[int], taps: TapInfo, argument: str) -> None:
     for layer in layers:
         if not 0 <= layer < taps.num_layers:
-            unit = "stages" if taps.family == "swin" else "blocks"
             raise ConfigurationError(
                 f"{argument}: index {layer} is out of range; the {taps.family} model has {taps.num_layers} "
-                f"{unit}, so indices must be in [0, {taps.num_layers - 1}] (0-based)"
+                f"{taps.unit}s, so indices must be in [0, {taps.num_layers - 1}] (0-based)"
             )
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import ConfigurationError
 from .features import extract_features, feature_forward_kwargs
-from .labels import class_names, match_labels, shown
+from .labels import class_names, match_labels
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def teacher_label_order(student: nn.Module, teacher: nn.Module) -> Optional[torc
         return None
     if match.missing:
         raise ConfigurationError(
-            f"teacher and student have different label sets: the teacher has no class {shown(match.missing)} of the "
+            f"teacher and student have different label sets: the teacher has no class {list(match.missing)[:3]} of the "
             "student's; logit distillation needs the same classes (use the teacher's id2label for the student and "
             "data, or --distillation_type none for feature-only distillation)"
         )

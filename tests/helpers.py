@@ -73,6 +73,16 @@ def tiny_cait(num_labels: int = 5, embed_dim: int = 64, depth: int = 4, seed: in
     return AutoModelForImageClassification.from_config(config)
 
 
+def timm_efficientvit_m0(num_labels: int = 5, seed: int = 0):
+    """timm ``efficientvit_m0`` (2.3 M parameters) at its 224 px through TimmWrapper: a hierarchical timm model
+    whose stride-2 stages round up (14 → 7 → 4), unlike its ``feature_info`` reductions (16, 32, 64)."""
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    torch.manual_seed(seed)
+    config = TimmWrapperConfig(architecture="efficientvit_m0", num_labels=num_labels)
+    return AutoModelForImageClassification.from_config(config)
+
+
 def class_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """A learnable synthetic image: a bright square whose position encodes the class, plus noise."""
     array = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
@@ -196,6 +206,28 @@ def make_bad_image_folder(root: Path, text_files: int = 1, good_format: str = "p
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "run_distill.py"
 RECIPE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+FAULTY_RECIPE = ROOT / "tests" / "scripts" / "faulty_recipe.py"
+
+
+def checkpoints(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def assert_complete_checkpoint(folder: Path, step: int) -> None:
+    """Everything resume reads is there and loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+    torch.load(folder / "optimizer.pt", weights_only=True)
+    torch.load(folder / "scheduler.pt", weights_only=True)
+
+
+def run_with_fault(argv: list[str], fault: str, **popen) -> subprocess.Popen:
+    env = {**RECIPE_ENV, "HF_SPECTRALKD_TEST_FAULT": fault}
+    return subprocess.Popen([sys.executable, str(FAULTY_RECIPE), *argv], env=env, **popen)
 
 
 def tiny_run_args(saved_models, dataset, output_dir, *extra):

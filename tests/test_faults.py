@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,31 +15,20 @@ from pathlib import Path
 
 import pytest
 import run_distill
-import torch
-from helpers import RECIPE, RECIPE_ENV, ROOT, run_and_capture, tiny_run_args
-from safetensors.torch import load_file
+from helpers import (
+    FAULTY_RECIPE,
+    RECIPE,
+    RECIPE_ENV,
+    assert_complete_checkpoint,
+    checkpoints,
+    run_and_capture,
+    run_with_fault,
+    tiny_run_args,
+)
 
-from hf_spectralkd.checkpointing import LOCK_FILE, STAGING_DIR, OutputDirLock
-from hf_spectralkd.errors import OutputDirLockedError
-
-FAULTY_RECIPE = ROOT / "tests" / "scripts" / "faulty_recipe.py"
-
-
-def checkpoints(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
-
-
-def assert_complete_checkpoint(folder: Path, step: int) -> None:
-    """Everything resume reads is there and loads."""
-    assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
-    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
-    torch.load(folder / "optimizer.pt", weights_only=True)
-    torch.load(folder / "scheduler.pt", weights_only=True)
-
-
-def run_with_fault(argv: list[str], fault: str, **popen) -> subprocess.Popen:
-    env = {**RECIPE_ENV, "HF_SPECTRALKD_TEST_FAULT": fault}
-    return subprocess.Popen([sys.executable, str(FAULTY_RECIPE), *argv], env=env, **popen)
+from hf_spectralkd.checkpointing import LOCK_FILE, STAGING_DIR, OutputDirLock, verify_checkpoint
+from hf_spectralkd.cli import main as cli_main
+from hf_spectralkd.errors import OutputDirLockedError, WriteFailedError
 
 
 def test_full_disk_at_the_second_save_stops_with_one_line_and_the_first_checkpoint_resumes(
@@ -129,6 +119,87 @@ def test_ctrl_c_during_evaluation_exits_130_with_complete_checkpoints(saved_mode
 
 
 # ------------------------------------------------------------------------------------------------
+# A disk that really fills: a small tmpfs, the recipe in its own process
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 16 MiB tmpfs, unmounted afterwards; skipped where mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(filler: Path) -> None:
+    with open(filler, "wb") as handle:
+        with pytest.raises(OSError) as raised:
+            while True:
+                handle.write(b"\0" * (1 << 16))
+                handle.flush()
+    assert raised.value.errno == errno.ENOSPC
+
+
+def assert_one_line_failure(process: subprocess.CompletedProcess, start: str) -> str:
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode == 1 and len(errors) == 1, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr and errors[0].startswith(start), errors
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_real_full_or_read_only_disk_stops_each_run_with_one_line_and_leaves_nothing_behind(
+    tmpfs, saved_models, imagefolder, capsys
+):
+    out = tmpfs / "out"
+    argv = tiny_run_args(saved_models, imagefolder, out, "--eval_strategy", "no", "--profile_images", "0")
+
+    def run(fault=None, *extra):
+        env = {**RECIPE_ENV, "HF_SPECTRALKD_TEST_FAULT": fault} if fault else RECIPE_ENV
+        script = FAULTY_RECIPE if fault else RECIPE
+        return subprocess.run([sys.executable, str(script), *argv, *extra], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    # At start-up: the disk is already full; the lock file is the first thing the run writes.
+    fill(tmpfs / "filler")
+    line = assert_one_line_failure(run(), f"error: output_dir: cannot write the run's lock file in '{out}'")
+    assert "No space left on device" in line and not (out / LOCK_FILE).exists()
+    (tmpfs / "filler").unlink()
+
+    # Mid-run: checkpoint-2 is in place, then the disk fills; torch.save fails half-way through optimizer.pt.
+    line = assert_one_line_failure(run(f"fill_disk_after_save:2:{tmpfs / 'filler'}"),
+                                   f"error: checkpoint: could not write checkpoint-4 in '{out}': no space left on device")
+    assert "checkpoint-2 is the last complete checkpoint" in line
+    assert checkpoints(out) == ["checkpoint-2"] and verify_checkpoint(out / "checkpoint-2") == []
+    assert not (out / STAGING_DIR).exists() and not (out / LOCK_FILE).exists()
+    (tmpfs / "filler").unlink()
+
+    # The final save: space freed, the run resumes (no stale lock refuses it), then the disk fills again.
+    line = assert_one_line_failure(run(f"fill_disk_before_final:{tmpfs / 'filler'}", "--resume_from_checkpoint", "true"),
+                                   f"error: output_dir: could not write the final student in '{out}'")
+    assert "No space left on device" in line and "checkpoint-4 is the last complete checkpoint" in line
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and verify_checkpoint(out / "checkpoint-4") == []
+    assert not (out / STAGING_DIR).exists() and not (out / LOCK_FILE).exists()
+    (tmpfs / "filler").unlink()
+    capsys.readouterr()
+    assert cli_main(["verify", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("final student  DAMAGED: model.safetensors is")
+
+    # Mid-run, read-only: the lock cannot be removed, which is not reported over the run's own error.
+    shutil.rmtree(out)
+    line = assert_one_line_failure(run(f"remount_ro_after_save:2:{tmpfs}"),
+                                   f"error: checkpoint: could not write checkpoint-4 in '{out}'")
+    assert "Read-only file system" in line
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    assert checkpoints(out) == ["checkpoint-2"] and verify_checkpoint(out / "checkpoint-2") == []
+    OutputDirLock(str(out)).acquire().release()  # the dead run's lock does not refuse the next run
+
+
+# ------------------------------------------------------------------------------------------------
 # The lock itself
 # ------------------------------------------------------------------------------------------------
 def write_lock(folder: Path, pid: int, host: str, age_s: float = 0.0) -> Path:
@@ -172,6 +243,21 @@ def test_lock_of_another_host_expires_without_heartbeat(tmp_path):
     lock.release()
 
 
+def test_a_lock_file_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    import hf_spectralkd.checkpointing as checkpointing
+
+    def disk_full(record, handle):
+        handle.write("{")  # part of it was buffered, then the disk was full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.json, "dump", disk_full)
+        with pytest.raises(WriteFailedError, match=r"^output_dir: cannot write the run's lock file in .*No space left"):
+            OutputDirLock(str(tmp_path)).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()
+    OutputDirLock(str(tmp_path)).acquire().release()  # nothing refuses the next run
+
+
 def test_heartbeat_keeps_the_lock_fresh(tmp_path):
     lock = OutputDirLock(str(tmp_path), heartbeat_s=0.05).acquire()
     try:
@@ -180,3 +266,46 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
         assert time.time() - lock.path.stat().st_mtime < 5
     finally:
         lock.release()
+
+
+def _contend(folders: list[str], barrier, results) -> None:
+    """One of several processes that all try to take over each folder's stale lock at the same moment."""
+    for index, folder in enumerate(folders):
+        barrier.wait(timeout=30)
+        lock = OutputDirLock(folder)
+        try:
+            lock.acquire()
+            owner = json.loads(lock.path.read_text())["pid"]
+        except OutputDirLockedError:
+            owner = None
+        except Exception as error:  # noqa: BLE001 - e.g. its lock file removed by another holder: reported, not hung
+            owner = repr(error)
+        results.put((index, os.getpid(), owner))
+        barrier.wait(timeout=30)  # every contender has tried before the holder lets go
+        lock.release()
+
+
+def test_several_processes_taking_over_one_stale_lock_leave_exactly_one_holder(tmp_path):
+    import multiprocessing
+
+    contenders, rounds = 6, 100  # about 1 s; before the take-over was serialised, 4 to 6 rounds in 100 had two holders
+    stale = dead_pid()
+    folders = [str(write_lock(tmp_path / f"round-{index}", stale, socket.gethostname()).parent) for index in range(rounds)]
+    context = multiprocessing.get_context("fork")  # the workers start in milliseconds, with the module imported
+    barrier, results = context.Barrier(contenders), context.Queue()
+    workers = [context.Process(target=_contend, args=(folders, barrier, results), daemon=True) for _ in range(contenders)]
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = [results.get(timeout=60) for _ in range(contenders * rounds)]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    holders = {index: [pid for i, pid, owner in outcomes if i == index and owner is not None] for index in range(rounds)}
+    not_one = {index: pids for index, pids in holders.items() if len(pids) != 1}
+    assert not not_one, f"rounds without exactly one holder: {not_one}"
+    # Each holder found its own pid in the lock file, and released it.
+    assert all(owner == pid for _, pid, owner in outcomes if owner is not None)
+    assert not any((Path(folder) / LOCK_FILE).exists() for folder in folders)

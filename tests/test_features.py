@@ -112,3 +112,89 @@ def test_tokens_to_grid_non_square_needs_grid():
     grid = tokens_to_grid(tokens, 1, grid=(2, 3))
     assert grid.shape == (2, 5, 2, 3)
     assert torch.equal(grid[:, :, 1, 2], tokens[:, 6, :])
+
+
+def test_every_registered_adapter_has_a_hand_written_reading_test():
+    """Adding a family means adding its adapter *and* a test comparing its maps to a hand-written reading."""
+    from hf_spectralkd.features import supported_families
+
+    hand_written = {
+        "vit": "test_vit_and_deit_taps_drop_prefix_tokens_and_follow_block_index",
+        "deit": "test_vit_and_deit_taps_drop_prefix_tokens_and_follow_block_index",
+        "swin": "test_swin_taps_are_stage_outputs_before_patch_merging",
+        "timm_wrapper": "test_timm_cait_taps_request_only_needed_blocks_and_match_all_blocks",
+        "lift_vit": "test_students.py::test_lift_forward_and_taps_match_reference",
+        "widelast_vit": "test_students.py::test_widelast_forward_and_taps_match_reference",
+    }
+    assert set(supported_families()) == set(hand_written)
+
+
+def test_adapters_read_prefix_tokens_from_the_model(vit, deit, swin, cait, lift, widelast):
+    from hf_spectralkd.features import adapter_for
+
+    # ViT-likes: one token per prefix parameter of the embeddings; map families have none in their outputs.
+    expected = {"vit": 1, "deit": 2, "swin": 0, "timm_wrapper": 0, "lift_vit": 1, "widelast_vit": 1}
+    for model in (vit, deit, swin, cait, lift, widelast):
+        adapter = adapter_for(model)
+        assert adapter.prefix_tokens(model) == expected[adapter.family], adapter.family
+    with torch.no_grad():  # the count matches the tokens in front of the 16 patch tokens of a 32 px input
+        tokens = deit(pixel_values=torch.zeros(1, 3, 32, 32), output_hidden_states=True).hidden_states[1]
+    assert tokens.shape[1] - 16 == 2
+    # Under DeepSpeed ZeRO-3 a partitioned parameter is empty and keeps its full shape in ds_shape.
+    token = deit.deit.embeddings.distillation_token
+    token.data, token.ds_shape = torch.empty(0), token.shape
+    assert adapter_for(deit).prefix_tokens(deit) == 2
+
+
+def test_describe_taps_measures_stages_that_round_up():
+    """timm efficientvit_m0 at 224 px: its last stage is 4×4, where 224 // 64 (the feature_info reduction) gives 3×3."""
+    from helpers import timm_efficientvit_m0
+
+    model = timm_efficientvit_m0().eval()
+    taps = describe_taps(model)
+    reductions = [int(f["reduction"]) for f in model.timm_model.feature_info]
+    arithmetic = tuple((224 // r, 224 // r) for r in reductions)
+    assert taps.image_size == (224, 224) and arithmetic[-1] == (3, 3)
+    with torch.no_grad():
+        _, maps = forward_with_features(model, torch.randn(1, 3, 224, 224), list(range(taps.num_layers)))
+    measured = tuple(tuple(m.shape[2:]) for m in maps)
+    assert measured[-1] == (4, 4) and taps.grids == measured
+    assert [taps.shape(i) for i in range(taps.num_layers)] == [tuple(m.shape[1:]) for m in maps]
+
+
+def test_layer_map_rejects_a_pair_that_only_the_arithmetic_grid_would_match():
+    from helpers import timm_efficientvit_m0
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_spectralkd.errors import ConfigurationError
+    from hf_spectralkd.layer_map import build_layer_map
+
+    student = ViTForImageClassification(ViTConfig(image_size=48, patch_size=16, hidden_size=32, num_hidden_layers=3,
+                                                  num_attention_heads=2, intermediate_size=64, num_labels=5))
+    with pytest.raises(ConfigurationError, match=r"student layer 2 is 3×3 but teacher layer 2 is 4×4"):
+        build_layer_map(student, timm_efficientvit_m0(), [2], [2])
+
+
+def test_describe_taps_measures_a_non_square_vit_grid_and_caches_per_model():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(ViTConfig(image_size=(16, 40), patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=32, num_labels=3)).eval()
+    taps = describe_taps(model)
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.randn(2, 3, 16, 40), **feature_forward_kwargs(model, [0, 1]))
+    # Hand-written reading: token n of the 2×5 grid sits at (n // 5, n % 5), after the CLS token.
+    tokens = outputs.hidden_states[2][:, 1:]
+    reference = torch.stack([torch.stack([tokens[:, r * 5 + c] for c in range(5)], dim=-1) for r in range(2)], dim=-2)
+    maps = extract_features(model, outputs, [1], grid=taps.grids[1])
+    assert taps.grids == ((2, 5), (2, 5)) and taps.image_size == (16, 40)
+    torch.testing.assert_close(maps[0], reference)
+    assert describe_taps(model) is taps  # cached: no second measurement
+    model.config.num_hidden_layers = 1  # a changed config is measured again
+    assert describe_taps(model).num_layers == 1
+
+
+def test_tap_unit_names_stages_only_for_hierarchical_families():
+    from hf_spectralkd.features import tap_unit
+
+    assert [tap_unit(f) for f in ("swin", "vit", "timm_wrapper", "unknown", None)] == ["stage"] + ["block"] * 4

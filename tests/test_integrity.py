@@ -162,6 +162,22 @@ def test_verify_command_reports_each_checkpoint_and_exits_by_the_newest(finished
     assert code == 2 and err == f"error: output_dir: '{tmp_path / 'nowhere'}' does not exist\n"
 
 
+def test_verify_refuses_a_final_student_without_weights_and_checks_a_checkpoint_folder_given_itself(
+    finished_run, tmp_path, capsys
+):
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "model.safetensors").unlink()  # what a final save cut short by a full disk leaves
+    assert cli_main(["verify", str(run)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "final student  DAMAGED: model.safetensors is missing"
+
+    checkpoint = run / "checkpoint-6"
+    truncate(checkpoint / "optimizer.pt")
+    assert cli_main(["verify", str(checkpoint)]) == 1  # not taken for a final student, whose files are whole
+    assert capsys.readouterr().out == (
+        "checkpoint-6  DAMAGED: optimizer.pt is truncated (the end of its zip archive is missing)\n"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Resume past a damaged newest checkpoint
 # ------------------------------------------------------------------------------------------------

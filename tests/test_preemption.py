@@ -18,9 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RECIPE, RECIPE_ENV, SyntheticImageDataset, run_recipe_process, tiny_cait, tiny_run_args, tiny_vit
+from helpers import (
+    RECIPE,
+    RECIPE_ENV,
+    SyntheticImageDataset,
+    assert_complete_checkpoint,
+    checkpoints,
+    run_recipe_process,
+    run_with_fault,
+    tiny_cait,
+    tiny_run_args,
+    tiny_vit,
+)
 from safetensors.torch import load_file
-from test_faults import assert_complete_checkpoint, checkpoints, run_with_fault
 
 import hf_spectralkd.checkpointing.atomic as checkpointing
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
@@ -75,7 +85,7 @@ def test_sigterm_to_the_process_group_saves_the_step_it_reports_and_resumes_bit_
     err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "DataLoader worker" not in err
-    assert f"stopped at step 3 of 6 on SIGTERM; checkpoint-3 saved in {stopped}" in err
+    assert f"stopped at step 3 of 6 on SIGTERM; checkpoint saved: checkpoint-3 in {stopped}" in err
     # The checkpoint is of the step the run reports, with that step's counters; no final student.
     assert checkpoints(stopped) == ["checkpoint-3"] and not (stopped / "model.safetensors").exists()
     assert_complete_checkpoint(stopped / "checkpoint-3", step=3)

@@ -129,7 +129,7 @@ BAD_INPUTS = [
     ("negative_teacher_check_images", lambda a, p: a + ["--teacher_check_images", "-1"],
      "teacher_check_images must be a number of images >= 0 (0 disables the check), got -1"),
     ("teacher_near_chance", lambda a, p: a + ["--teacher_check_images", "9"],
-     "top-1 on the first 9 evaluation images, below 66.7 % (twice chance): its inputs or labels do not match the data"),
+     "top-1 on 9 evaluation images of 3 classes, below 66.7 % (twice chance): its inputs or labels do not match the data"),
     ("half_of_teacher_normalisation", lambda a, p: a + ["--teacher_image_mean", "0.5"],
      "teacher_image_mean and teacher_image_std go together"),
     ("unknown_dataset", lambda a, p: a + ["--dataset", "no-such-user/no-such-dataset"], "dataset: cannot load 'no-such-user/no-such-dataset'"),

@@ -25,7 +25,7 @@ from hf_spectralkd.data import (
     TransformedImageDataset,
     steps_for_epochs,
 )
-from hf_spectralkd.data.sources import parquet_files_of
+from hf_spectralkd.data.splits import parquet_files_of
 from hf_spectralkd.data.streaming import PassPlan, locate, reader_bounds, worker_start
 
 SHARDS, ROWS, ROW_GROUP = 20, 32, 2  # 640 records, one class per shard, 320 row groups

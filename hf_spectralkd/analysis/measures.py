@@ -8,7 +8,7 @@
   layer's token matrix (Encoding Mismatch, arXiv 2511.15572).
 * :func:`spectral_energy_pattern` — the token-level Spectral Energy Pattern (SEP, Encoding Mismatch).
 
-Feature maps are the ``B×C×H×W`` taps of ``features.py`` (block outputs before the final norm,
+Feature maps are the ``B×C×H×W`` taps of ``hf_spectralkd.features`` (block outputs before the final norm,
 prefix tokens removed). Pure tensor functions; the model-level helpers loop over batches.
 """
 

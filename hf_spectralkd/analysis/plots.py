@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..features import tap_unit
 from .compare import relative_depth
 from .spectrum import SpectralProfile
 
@@ -40,7 +41,7 @@ def plot_intensity_bars(profile: SpectralProfile, path=None, title: Optional[str
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(profile.layers) + 2), 3.2))
     ax.bar([layer + 1 for layer in profile.layers], profile.intensity, color="#3b6ea8")
-    ax.set_xlabel("layer (1-based)" if profile.family != "swin" else "stage (1-based)")
+    ax.set_xlabel("stage (1-based)" if tap_unit(profile.family) == "stage" else "layer (1-based)")
     ax.set_ylabel("frequency intensity ℓ(X)")
     ax.set_title(title or f"Spectral intensity per layer: {_name(profile, 'model')}")
     return _finish(fig, path)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ..errors import ConfigurationError
+from ..features import tap_unit
 from .spectrum import SpectralProfile
 
 Grid = tuple[int, int]
@@ -141,7 +142,7 @@ def _select_by_profile(
     if k is not None and k <= 0:
         raise ValueError(f"k must be positive, got {k}")
 
-    if family == "swin":
+    if tap_unit(family) == "stage":
         depth = min(teacher_depth, student_depth, k or student_depth)
         return LayerSelection(list(range(depth)), list(range(depth)), "hierarchical: stage i ↔ stage i")
 

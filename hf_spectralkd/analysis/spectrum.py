@@ -38,7 +38,7 @@ class SpectralProfile:
         spectrum: ``S`` per layer, one list of ``C_l`` floats (all FFT bins, natural order).
         num_images: images the statistics average over.
         model_name: where the model came from, when known.
-        family: feature-tap family (``vit``, ``deit``, ``swin``, ``timm_wrapper``).
+        family: feature-tap family (the adapter's ``family``: ``vit``, ``swin``, ``timm_wrapper``, …).
         divide_by_channels: whether the FFT was scaled by ``1/C`` (the reference code does).
     """
 

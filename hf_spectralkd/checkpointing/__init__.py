@@ -4,6 +4,7 @@
 * :mod:`.manifest`: checksum manifests, :func:`verify_checkpoint`, and :func:`resolve_resume`, the resume point.
 * :mod:`.reload`: weights reloaded through ``from_pretrained`` (huggingface/transformers#48805).
 * :mod:`.run_lock`: :class:`OutputDirLock`, the lock that keeps a second run out of a folder.
+* :mod:`.write_errors`: a failed write (full disk, read-only mount) of a checkpoint or the final student as one line.
 """
 
 from .atomic import STAGING_DIR, AtomicCheckpointWriter, publish_staged_folder
@@ -11,6 +12,7 @@ from .manifest import (
     MANIFEST_FILE,
     checkpoint_folders,
     file_sha256,
+    is_checkpoint_folder,
     manifest_problems,
     newest_verified_checkpoint,
     resolve_resume,
@@ -19,6 +21,7 @@ from .manifest import (
 )
 from .reload import OTHER_CHECKPOINT, load_weights_from_folder, single_file_checkpoint
 from .run_lock import LOCK_FILE, OutputDirLock, acquire_run_lock
+from .write_errors import file_system_state, write_failure
 
 __all__ = [
     "LOCK_FILE",
@@ -30,6 +33,8 @@ __all__ = [
     "acquire_run_lock",
     "checkpoint_folders",
     "file_sha256",
+    "file_system_state",
+    "is_checkpoint_folder",
     "load_weights_from_folder",
     "manifest_problems",
     "newest_verified_checkpoint",
@@ -37,5 +42,6 @@ __all__ = [
     "resolve_resume",
     "single_file_checkpoint",
     "verify_checkpoint",
+    "write_failure",
     "write_manifest",
 ]

@@ -4,8 +4,10 @@
 ``<output_dir>/.checkpoint-staging/``, adds the state files of the trainer's parts, records the
 checksum manifest (:mod:`.manifest`), flushes every file and renames the folder into place, so a
 crash, a kill or a full disk mid-save never leaves a ``checkpoint-N`` that resume would trust. A
-failed write stops the run with :class:`~hf_spectralkd.errors.CheckpointSaveError` naming the
-folder, the cause and the last complete checkpoint.
+failed write (:func:`~.write_errors.write_failure`), of a checkpoint or of the final student
+(:meth:`AtomicCheckpointWriter.save_final`), stops the run with
+:class:`~hf_spectralkd.errors.CheckpointSaveError` / :class:`~hf_spectralkd.errors.WriteFailedError`
+naming the folder, the cause and the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import os
 import shutil
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..errors import CheckpointSaveError
 from .manifest import write_manifest
+from .write_errors import raise_if_any_write_failed, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class AtomicCheckpointWriter:
         staging_root = os.path.join(run_dir, STAGING_DIR)
         name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        failure: Optional[OSError] = None
+        failure: Optional[BaseException] = None
         if self.args.should_save and os.path.exists(staged):
             shutil.rmtree(staged)
         self.accelerator.wait_for_everyone()
@@ -72,7 +74,9 @@ class AtomicCheckpointWriter:
                 for file_name, payload in payloads.items():
                     with open(os.path.join(staged, file_name), "w", encoding="utf-8") as handle:
                         json.dump(payload, handle)
-        except OSError as error:  # full disk, lost mount, quota: report it, keep what is complete
+        except Exception as error:  # noqa: BLE001 - a full disk, a lost mount, a quota: report it, keep what is complete
+            if write_failure(error, run_dir) is None:
+                raise  # a bug keeps its traceback
             failure = error
         # Every process has written its files (DDP: rng_state_<rank>.pth, DeepSpeed: its shards)
         # before the manifest is hashed and the folder renamed.
@@ -82,7 +86,8 @@ class AtomicCheckpointWriter:
                 publish_staged_folder(staged, final)
             except OSError as error:
                 failure = error
-        self._raise_if_any_process_failed(failure, final, staging_root)
+        raise_if_any_write_failed(self.accelerator, self.args, failure, f"checkpoint: could not write {name}", run_dir,
+                                  staging_root)
         self.accelerator.wait_for_everyone()
         best = state.best_model_checkpoint
         if best and best.startswith(staging_root):
@@ -103,25 +108,20 @@ class AtomicCheckpointWriter:
                     payload = json.load(handle)
             part.load_state_dict(payload)
 
-    def _raise_if_any_process_failed(self, failure: Optional[OSError], final: str, staging_root: str) -> None:
-        failed = failure is not None
-        if self.accelerator.num_processes > 1:
-            import torch
-
-            flag = torch.tensor(float(failed), device=self.args.device)
-            failed = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
-        if not failed:
-            return
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # give the space of the partial copy back
-        run_dir = os.path.dirname(final)
-        last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-        cause = f"{failure}" if failure is not None else "the save failed on another process"
-        kept = f"{os.path.basename(last)} is the last complete checkpoint" if last else "no complete checkpoint exists yet"
-        raise CheckpointSaveError(
-            f"checkpoint: could not write {os.path.basename(final)} in '{run_dir}': {cause}; {kept}. Free space and "
-            "resume with --resume_from_checkpoint true"
-        ) from failure
+    def save_final(self, folder: str, write: Callable[[], None]) -> None:
+        """Run ``write`` (``Trainer._save``: weights, config, processor); a failed write of the final student into
+        ``folder`` is one line on every process. Inside :meth:`save` its failures are the checkpoint's."""
+        if self._staging_root is not None:
+            return write()
+        failure: Optional[BaseException] = None
+        try:
+            write()
+        except Exception as error:  # noqa: BLE001 - see save
+            if write_failure(error, folder) is None:
+                raise
+            failure = error
+        raise_if_any_write_failed(self.accelerator, self.args, failure, "output_dir: could not write the final student",
+                                  folder)
 
 
 def publish_staged_folder(staged: str, final: str) -> None:

@@ -21,7 +21,7 @@ from typing import Optional, Union
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ConfigurationError
-from ..integrity import damaged, has_weights, model_folder_problems, read_json, torch_file_problem
+from ..integrity import damaged, has_weights, read_json, saved_model_problems, torch_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ def verify_checkpoint(folder) -> list[str]:
     sharded_elsewhere = any(p.is_dir() and (p.name.startswith("global_step") or p.name.startswith("pytorch_model_fsdp"))
                             for p in folder.iterdir())
     if has_weights(folder) or not sharded_elsewhere:
-        problems += model_folder_problems(folder)
-        if not has_weights(folder):
-            problems.append("model.safetensors is missing")
+        problems += saved_model_problems(folder)
     for path in sorted(folder.iterdir()):
         if _TORCH_STATE_PATTERN.match(path.name):
             problem = torch_file_problem(path)
@@ -127,6 +125,11 @@ def checkpoint_folders(output_dir) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
     return [path for _, path in sorted(found)]
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether ``folder`` is itself a ``checkpoint-N`` (by its name, or by the manifest only checkpoints have)."""
+    return bool(_CHECKPOINT_PATTERN.match(folder.name)) or (folder / MANIFEST_FILE).is_file()
 
 
 def newest_verified_checkpoint(output_dir: str, argument: str = "resume_from_checkpoint") -> str:

@@ -111,25 +111,28 @@ def _verify(options) -> int:
     """Print each checkpoint of a run (and its final student) with OK or what is damaged.
 
     Exit code 0 when the newest checkpoint verifies (``--resume_from_checkpoint true`` would use it
-    without falling back) and the final student, if the folder holds one, loads; 1 otherwise.
+    without falling back) and the final student, if the folder holds one, loads; 1 otherwise. A
+    ``checkpoint-N`` folder given itself is verified as a checkpoint (optimizer state included), not
+    as a final student.
     """
     from pathlib import Path
 
-    from ..checkpointing import MANIFEST_FILE, checkpoint_folders, verify_checkpoint
-    from ..integrity import CONFIG_FILE, model_folder_problems
+    from ..checkpointing import MANIFEST_FILE, checkpoint_folders, is_checkpoint_folder, verify_checkpoint
+    from ..integrity import CONFIG_FILE, has_weights, saved_model_problems
 
     folder = Path(options.output_dir)
     if not folder.is_dir():
         what = "is a file, not a run folder" if folder.exists() else "does not exist"
         raise ConfigurationError(f"output_dir: '{folder}' {what}")
-    checkpoints = checkpoint_folders(folder)
-    has_student = (folder / CONFIG_FILE).exists()
+    checkpoints = [folder] if is_checkpoint_folder(folder) else checkpoint_folders(folder)
+    # A save cut short may have written config.json without the weights, or the weights without it.
+    has_student = folder not in checkpoints and ((folder / CONFIG_FILE).exists() or has_weights(folder))
     if not checkpoints and not has_student:
         raise ConfigurationError(f"output_dir: '{folder}' holds no checkpoint-* folder and no saved student")
     rows = [(c.name, verify_checkpoint(c), "" if (c / MANIFEST_FILE).exists() else " (no checksum manifest: structure only)")
             for c in checkpoints]
     if has_student:
-        rows.append(("final student", model_folder_problems(folder), ""))
+        rows.append(("final student", saved_model_problems(folder), ""))
     width = max(len(name) for name, _, _ in rows)
     for name, problems, note in rows:
         print(f"{name:<{width}}  " + (f"DAMAGED: {'; '.join(problems)}" if problems else f"OK{note}"))

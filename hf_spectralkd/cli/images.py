@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from ..data import DataArguments, decode_image
-from ..data.sources import open_split
+from ..data.splits import open_split
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)

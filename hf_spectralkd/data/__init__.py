@@ -23,14 +23,17 @@ Properties the trainer relies on:
   groups of all shards, each reader draws from all of them, and a resume reads one window, whatever
   the pass. Repeated augmentation (``repeated_augmentation``) works for both kinds of data.
 
-``data_backend="torchvision"`` moves decoding and augmentation out of the workers into the training
-process, on its device (:mod:`.tensor_pipeline`): workers hand over encoded JPEGs and each sample's
-drawn augmentation, and :func:`pixel_batch` (called by the trainer) builds ``pixel_values``.
+``data_backend="torchvision"`` (the torchvision backend, :mod:`.torchvision_backend`) moves decoding and
+augmentation out of the workers into the training process, on its device: workers hand over encoded
+JPEGs and each sample's drawn augmentation, and :func:`pixel_batch` (called by the trainer) builds
+``pixel_values``.
 
-Modules: ``arguments`` (options), ``transforms`` (decoding, timm transforms, seeding), ``tensor_pipeline``
-(the torchvision backend), ``sources``
-(opening datasets, map-style wrapper, collator), ``shards`` (reading raw records by shard and row),
-``streaming``, ``sampling`` (repeated augmentation), ``demo`` (the offline digits).
+Modules: ``arguments`` (options), ``transforms`` (decoding, timm transforms, seeding, mixing a batch),
+``splits`` (opening and checking splits), ``label_values`` (label checks), ``loading`` (transforms
+attached: map-style wrapper, stream), ``collation`` (the collator), ``skipped`` (when skipped images are
+too many), ``shards`` (reading raw records by shard and row), ``streaming`` (the resumable stream and
+all resume logic of the data), ``sampling`` (repeated augmentation), ``torchvision_backend`` (the
+torchvision backend), ``demo`` (the offline digits).
 """
 
 from .arguments import (
@@ -40,23 +43,14 @@ from .arguments import (
     KNOWN_TRAIN_SIZES,
     DataArguments,
 )
-from .sampling import DataOrderMixin, RepeatedAugmentationSampler
+from .collation import ImageClassificationCollator, first_images
+from .loading import ImageDatasets, TransformedImageDataset, load_image_datasets, prepare_image_datasets
+from .sampling import RepeatedAugmentationSampler
 from .shards import IterableDatasetShards, ParquetShards, ShardLayout
-from .sources import (
-    DatasetEpochCallback,
-    ImageClassificationCollator,
-    ImageDatasets,
-    RawImageDatasets,
-    TransformedImageDataset,
-    first_images,
-    load_image_datasets,
-    open_image_datasets,
-    prepare_image_datasets,
-    share_above,
-    steps_for_epochs,
-)
-from .streaming import ResumableImageStream
-from .tensor_pipeline import ENCODED_IMAGES, DecodeOnDeviceMixin, TensorImagePipeline, pixel_batch
+from .skipped import share_above
+from .splits import RawImageDatasets, open_image_datasets
+from .streaming import DatasetEpochCallback, ResumableImageStream, steps_for_epochs
+from .torchvision_backend import ENCODED_IMAGES, TorchvisionPipeline, pixel_batch
 from .transforms import (
     build_eval_transform,
     build_image_processor,
@@ -74,9 +68,7 @@ __all__ = [
     "IMAGENET_STD",
     "KNOWN_TRAIN_SIZES",
     "DataArguments",
-    "DataOrderMixin",
     "DatasetEpochCallback",
-    "DecodeOnDeviceMixin",
     "ImageClassificationCollator",
     "ImageDatasets",
     "IterableDatasetShards",
@@ -85,7 +77,7 @@ __all__ = [
     "RepeatedAugmentationSampler",
     "ResumableImageStream",
     "ShardLayout",
-    "TensorImagePipeline",
+    "TorchvisionPipeline",
     "TransformedImageDataset",
     "build_eval_transform",
     "build_image_processor",

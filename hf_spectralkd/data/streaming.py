@@ -22,7 +22,13 @@ it, reads that one window and starts there. No earlier pass, window or block is 
 Trainer replays nothing (the trainer turns its batch skipping off for streams that position
 themselves, ``resumes_itself``).
 
-It subclasses ``datasets.IterableDataset`` only so that accelerate hands each process its own view
+This module holds all of the data's resume logic: the arithmetic above, the stream that positions itself
+(:meth:`ResumableImageStream.fast_forward`), :func:`resumes_itself` (the trainer's test for
+not replaying batches), :class:`DatasetEpochCallback` (the epoch a resumed run's dataset and the
+Trainer see) and :func:`steps_for_epochs` (a streamed run's length in steps). The trainer's one
+share is to call ``fast_forward`` with the checkpoint's step.
+
+The stream subclasses ``datasets.IterableDataset`` only so that accelerate hands each process its own view
 with ``shard(num_shards=world, index=rank)`` (it does so for such datasets with at least ``world``
 shards; the stream reports its rows as shards) and never splits batches on top; everything else is
 its own.
@@ -38,6 +44,7 @@ from typing import Any, Callable, Iterator, Optional
 import datasets
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from ..errors import RunFailedError
 from .shards import ShardLayout, load_layout
@@ -264,3 +271,58 @@ class ResumableImageStream(datasets.IterableDataset, torch.utils.data.IterableDa
                 )
             into.extend((image, label, shard, start + offset) for offset, (image, label) in enumerate(rows))
             yield
+
+
+# ------------------------------------------------------------------------------------------------
+# What a resumed run asks of its training data
+# ------------------------------------------------------------------------------------------------
+def resumes_itself(dataset: Any) -> bool:
+    """Whether ``dataset`` starts at a resume point itself (:meth:`ResumableImageStream.fast_forward`).
+
+    The trainer then replays none of the batches a resumed run skips (``training.data_order.DataOrder``), and the
+    epoch it reports is the stream's (:class:`DatasetEpochCallback`).
+    """
+    return bool(getattr(dataset, "resumes_itself", False))
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Tell the training dataset which epoch starts, also on a resumed run.
+
+    Augmentation (map-style) and stream order (streaming) depend on the epoch. accelerate forwards
+    ``set_epoch`` to the dataset, except through the loader that skips the already-seen batches of a
+    resumed epoch, which would replay that epoch with epoch 0's randomness.
+
+    Args:
+        get_dataset: returns the current training dataset (the trainer's ``train_dataset``).
+    """
+
+    def __init__(self, get_dataset: Callable[[], Any]):
+        self.get_dataset = get_dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.get_dataset()
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A stream that resumes itself is not replayed, so the Trainer counts the resumed run's steps
+        # from 0 when it computes the epoch. A stream is one epoch of max_steps steps: an uninterrupted
+        # run computes (global_step·GA)/(max_steps·GA), which rounds to the same float as this.
+        if resumes_itself(self.get_dataset()) and state.max_steps:
+            state.epoch = state.global_step / state.max_steps
+
+
+def steps_for_epochs(num_examples: int, epochs: float, per_device_batch_size: int, world_size: int, grad_accum: int,
+                     repeated_augmentation: int = 1) -> int:
+    """Optimizer steps covering ``epochs`` epochs of ``num_examples`` images (for streamed data).
+
+    An epoch is ``num_examples`` samples, with or without repeated augmentation, as in DeiT: with
+    ``R`` repeats it holds about ``num_examples / R`` distinct images seen ``R`` times each, and
+    (like DeiT's ``RASampler`` and :class:`~.sampling.RepeatedAugmentationSampler`) only whole
+    global batches, ``⌊num_examples / global batch⌋`` steps. Without repeats a partial last batch
+    counts as a step.
+    """
+    global_batch = per_device_batch_size * world_size * grad_accum
+    if repeated_augmentation > 1:
+        return max(1, math.ceil(epochs * max(1, num_examples // global_batch)))
+    return max(1, math.ceil(epochs * num_examples / global_batch))

@@ -12,13 +12,14 @@ import hashlib
 import logging
 import os
 import random
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import datasets
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from ..errors import TooManyBadImagesError
 from .arguments import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def decode_image(value: Any, token: Optional[str] = None) -> Optional[Image.Imag
 def transform_row(image_value: Any, label: Any, transform: Callable, seed: int) -> dict[str, Any]:
     """Decode and augment one record under RNGs seeded with ``seed``; ``pixel_values`` is ``None`` if undecodable.
 
-    A :class:`~.tensor_pipeline.TensorImagePipeline` (``--data_backend torchvision``) only prepares
+    A :class:`~.torchvision_backend.TorchvisionPipeline` (``--data_backend torchvision``) only prepares
     the record here: the training process decodes and augments it.
     """
     prepare = getattr(transform, "prepare_sample", None)
@@ -203,3 +204,23 @@ def transform_row(image_value: Any, label: Any, transform: Callable, seed: int) 
     with seeded_rngs(seed):
         pixel_values = transform(image)
     return {"pixel_values": pixel_values, "labels": label, "seed": seed}
+
+
+def mix_batch(mixup: Callable, pixel_values: torch.Tensor, labels: torch.Tensor, seeds: Sequence[int]):
+    """timm's ``Mixup`` of a batch under RNGs seeded from all its samples' ``seeds``: ``(pixel_values, B×K labels)``.
+
+    An odd batch loses its last image first (timm pairs images by flipping the batch and needs an even size);
+    the seed still comes from every sample, so both backends mix a batch alike.
+    """
+    if len(labels) % 2:
+        pixel_values, labels = pixel_values[:-1], labels[:-1]
+    with seeded_rngs(sample_seed(*seeds)):
+        return mixup(pixel_values, labels.to(pixel_values.device))
+
+
+def no_image_decoded(count: int) -> TooManyBadImagesError:
+    """The error for a batch of ``count`` samples none of which could be decoded."""
+    return TooManyBadImagesError(
+        f"image_column: every image of a batch of {count} failed to decode; check that the dataset's "
+        "image column holds images (--image_column)"
+    )

@@ -119,56 +119,60 @@ def run(argv: list[str]) -> int:
         processing_class=data.image_processor)
     summary.layer_map = layer_map_record(trainer.layer_map)  # the trainer resolved it
 
-    if args.do_train:
-        if dynamics_steps > 0 and profile_batch is not None:
-            from ..analysis import SpectralDynamicsCallback
+    # Training, the final save, evaluation, results and card: under the output folder's lock, released at the end.
+    with trainer.holding_output_dir():
+        if args.do_train:
+            if dynamics_steps > 0 and profile_batch is not None:
+                from ..analysis import SpectralDynamicsCallback
 
-            trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer, every_n_steps=dynamics_steps))
-        if trainer.is_world_process_zero():
-            print(describe_run(summary, args, data, trainer.layer_map), flush=True)
-        trainer.run_record.add(model=model_args, data=data_args)  # written once a resumed checkpoint is checked
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        if trainer.preempted_at_step is not None:  # SIGTERM: that step's checkpoint holds everything; no final student
-            step = trainer.preempted_at_step
+                trainer.add_callback(SpectralDynamicsCallback(profile_batch[:32], trainer=trainer,
+                                                              every_n_steps=dynamics_steps))
             if trainer.is_world_process_zero():
-                print(f"stopped at step {step} of {trainer.state.max_steps} on SIGTERM; checkpoint-{step} saved in "
-                      f"{args.output_dir}; resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-        summary.train_runtime_s = train_result.metrics.get("train_runtime")
-    if data.eval is not None and args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        if not args.do_train:
-            summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
-            summary.best_student_accuracy = summary.student_accuracy
-    if teacher is not None and model_args.evaluate_teacher and data.eval is not None and args.do_eval:
-        teacher_order, teacher_inputs = trainer.teacher_label_order, trainer.teacher_inputs
-        if not args.do_train:  # the teacher against the data's classes, on the inputs it expects
-            check_scored_classes("teacher", teacher.model, raw.id2label, data_args.dataset)
-            teacher_order = teacher_label_order(LabelsOnly(raw.id2label), teacher.model)
-            teacher_inputs = _adapter(student_spec, teacher_spec, student.model, args.device)
-        scores = evaluate_model(TeacherClassifier(teacher.model, teacher_inputs, teacher_order), data, args,
-                                data.image_processor)
-        summary.teacher_accuracy, summary.teacher_top5 = scores.get("top1"), scores.get("top5")
+                print(describe_run(summary, args, data, trainer.layer_map), flush=True)
+            trainer.run_record.add(model=model_args, data=data_args)  # written once a resumed checkpoint is checked
+            train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+            step = trainer.preempted_at_step
+            if step is not None:  # SIGTERM: that step's checkpoint holds everything; no final student
+                if trainer.is_world_process_zero():
+                    print(f"stopped at step {step} of {trainer.state.max_steps} on SIGTERM; checkpoint saved: "
+                          f"checkpoint-{step} in {args.output_dir}; resume with --resume_from_checkpoint true",
+                          file=sys.stderr, flush=True)
+                return EXIT_PREEMPTED
+            trainer.save_model()
+            trainer.log_metrics("train", train_result.metrics)
+            trainer.save_metrics("train", train_result.metrics)
+            trainer.save_state()
+            summary.train_runtime_s = train_result.metrics.get("train_runtime")
+        if data.eval is not None and args.do_eval:
+            metrics = trainer.evaluate()
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
+            if not args.do_train:
+                summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
+                summary.best_student_accuracy = summary.student_accuracy
+        if teacher is not None and model_args.evaluate_teacher and data.eval is not None and args.do_eval:
+            teacher_order, teacher_inputs = trainer.teacher_label_order, trainer.teacher_inputs
+            if not args.do_train:  # the teacher against the data's classes, on the inputs it expects
+                check_scored_classes("teacher", teacher.model, raw.id2label, data_args.dataset)
+                teacher_order = teacher_label_order(LabelsOnly(raw.id2label), teacher.model)
+                teacher_inputs = _adapter(student_spec, teacher_spec, student.model, args.device)
+            scores = evaluate_model(TeacherClassifier(teacher.model, teacher_inputs, teacher_order), data, args,
+                                    data.image_processor)
+            summary.teacher_accuracy, summary.teacher_top5 = scores.get("top1"), scores.get("top5")
 
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if args.do_train and teacher is not None and profile_batch is not None and profile_images > 0 and not zero3:
-        summary.profile_similarity = write_profile_comparison(
-            trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs)
-    if args.do_train:
-        summary.record_training_state(trainer.state)
-        summary.record_image_counts(*trainer.image_counter.training_totals())  # every process: a sum over them
-    else:
-        summary.global_steps, summary.max_steps = 0, 0
-    write_results(summary, trainer, model_args, args, started, card=args.do_train)
-    if args.push_to_hub:
-        trainer.push_to_hub(commit_message="SpectralKD distilled student")
-    return 0
+        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if args.do_train and teacher is not None and profile_batch is not None and profile_images > 0 and not zero3:
+            summary.profile_similarity = write_profile_comparison(
+                trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs)
+        if args.do_train:
+            summary.record_training_state(trainer.state)
+            summary.record_image_counts(*trainer.image_counter.training_totals())  # every process: a sum over them
+        else:
+            summary.global_steps, summary.max_steps = 0, 0
+        write_results(summary, trainer, model_args, args, started, card=args.do_train)
+        if args.push_to_hub:
+            trainer.push_to_hub(commit_message="SpectralKD distilled student")
+        return 0
 
 
 def _adapter(student_spec, teacher_spec, student, device) -> Optional[object]:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..data import RepeatedAugmentationSampler
+from ..data.streaming import resumes_itself
 
 
 class DataOrder:
@@ -41,7 +42,7 @@ class DataOrder:
     @staticmethod
     def batches_to_skip(dataset: Any, skipped_by_trainer: int) -> int:
         """The batches the Trainer replays on resume: none for a stream that resumes itself."""
-        return 0 if getattr(dataset, "resumes_itself", False) else skipped_by_trainer
+        return 0 if resumes_itself(dataset) else skipped_by_trainer
 
     def resume(self, dataset: Any, checkpoint: Optional[str]) -> None:
         """Position a stream that resumes itself at ``checkpoint``'s step (the start without one); others unchanged."""

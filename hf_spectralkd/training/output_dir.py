@@ -1,15 +1,19 @@
-"""The output folder of a run: refused when it holds another run, cleared on ``--overwrite_output_dir``.
+"""The output folder of a run: refused when it holds another run, cleared on ``--overwrite_output_dir``, locked.
 
-Both are applied by ``SpectralDistillationTrainer.train``, the clearing while it holds the folder's lock.
+All are applied by ``SpectralDistillationTrainer.train``, the clearing while it holds the folder's lock
+(:class:`OutputDirHold`), which a whole run (training, final save, evaluation, results) keeps through
+``SpectralDistillationTrainer.holding_output_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
+from ..checkpointing import OutputDirLock, acquire_run_lock
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -83,3 +87,36 @@ def clear_previous_run(output_dir: str) -> list[str]:
     if removed:
         logger.warning("overwrite_output_dir: removed the previous run from '%s': %s", output_dir, ", ".join(removed))
     return removed
+
+
+class OutputDirHold:
+    """A trainer's hold on its output folder's lock (:class:`~hf_spectralkd.checkpointing.OutputDirLock`).
+
+    :meth:`holding` takes the lock on entry and releases it on exit; nested inside another
+    :meth:`holding` of the same trainer it keeps the outer hold, so that ``train()``, which holds
+    the folder for itself, leaves a whole run's hold in place (the lock itself is not re-entrant:
+    a second holder is a second run). A collective: every process enters it.
+
+    Args:
+        accelerator: the trainer's (the main process takes the lock, every process gets its answer).
+        output_dir: the run folder.
+    """
+
+    def __init__(self, accelerator: Any, output_dir: str):
+        self.accelerator, self.output_dir = accelerator, output_dir
+        self._lock: Optional[OutputDirLock] = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[bool]:
+        """Hold the lock for the block; yields whether this process holds the lock file (the main process)."""
+        if self._depth == 0:
+            self._lock = acquire_run_lock(self.accelerator, self.output_dir)
+        self._depth += 1
+        try:
+            yield self._lock is not None
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._lock is not None:
+                self._lock.release()  # never raises: the run's own error is the one reported
+                self._lock = None

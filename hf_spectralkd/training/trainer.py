@@ -9,11 +9,10 @@ components are logged as ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``
 logging window and over processes.
 
 The trainer owns the run's decisions (teacher, input adapter, label order, layer map, run record,
-output folder lock, resume point) and delegates each Trainer override in a few lines to a part it
-owns: :class:`ImageCounter`, :class:`AtomicCheckpointWriter`, :class:`DataOrder`,
-:class:`DeiTOptimization`, :class:`ModelCardWriter`, :class:`RunRecord`, :class:`NonFiniteWatch`,
-:class:`PreemptionWatch`. State that survives a resume is the parts' ``state_dict()``, written into
-each checkpoint by the checkpoint writer and given back by :meth:`AtomicCheckpointWriter.restore`.
+output folder lock, resume point) and delegates each Trainer override in a few lines to a part it owns:
+:class:`ImageCounter`, :class:`AtomicCheckpointWriter`, :class:`DataOrder`, :class:`DeiTOptimization`,
+:class:`ModelCardWriter`, :class:`RunRecord`, :class:`NonFiniteWatch`, :class:`PreemptionWatch`,
+:class:`OutputDirHold`. The parts' ``state_dict()`` is written into each checkpoint and given back on resume.
 """
 
 from __future__ import annotations
@@ -27,13 +26,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..checkpointing import (
-    AtomicCheckpointWriter,
-    acquire_run_lock,
-    load_weights_from_folder,
-    resolve_resume,
-    single_file_checkpoint,
-)
+from ..checkpointing import AtomicCheckpointWriter, load_weights_from_folder, resolve_resume, single_file_checkpoint
 from ..config import SpectralDistillationConfig
 from ..data import ENCODED_IMAGES, DatasetEpochCallback, ImageClassificationCollator, first_images, pixel_batch
 from ..errors import ConfigurationError
@@ -51,7 +44,7 @@ from .image_counter import IMAGE_COUNTS_FILE, ImageCounter
 from .model_card import ModelCardWriter
 from .nonfinite import NonFiniteWatch
 from .optimizer import DeiTOptimization
-from .output_dir import check_output_dir, clear_previous_run
+from .output_dir import OutputDirHold, check_output_dir, clear_previous_run
 from .preemption import ignore_stop_signals_in_workers, take_sigterm_from_jit_checkpoint
 from .run_record import RUN_CONFIG_FILE, RunRecord
 from .teacher_setup import place_teacher, resolve_teacher
@@ -142,13 +135,13 @@ class SpectralDistillationTrainer(Trainer):
         self._checkpoints = AtomicCheckpointWriter(self.accelerator, args, {
             IMAGE_COUNTS_FILE: self.image_counter, RUN_CONFIG_FILE: self.run_record})
         self._data_order = DataOrder(args)
+        self._output_dir = OutputDirHold(self.accelerator, args.output_dir)
         self._optimization = DeiTOptimization(args)
         self._card = ModelCardWriter(self.summary, args)
         self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
         self._preemption = take_sigterm_from_jit_checkpoint(self.callback_handler) if args.enable_jit_checkpoint else None
-        #: The step whose checkpoint was saved on SIGTERM before training stopped; None if it was not preempted.
-        self.preempted_at_step: Optional[int] = None
-        self._saved_step: Optional[int] = None
+        self.preempted_at_step: Optional[int] = None  # the step checkpointed on SIGTERM before training stopped
+        self._saved_step: Optional[int] = None  # the last step checkpointed
 
     def check_teacher(self) -> Optional[float]:
         """Score the teacher on ``args.teacher_check_images`` evaluation images (a seeded sample stratified by
@@ -168,6 +161,11 @@ class SpectralDistillationTrainer(Trainer):
         stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs, classes)
         return top1
 
+    def holding_output_dir(self):
+        """``with trainer.holding_output_dir():`` keeps the output folder's lock for a whole run (train, final save,
+        evaluation, results); :meth:`train` alone holds it while it trains. Every process enters it."""
+        return self._output_dir.holding()
+
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
         """``Trainer.train`` on a checked output folder, holding its lock, from the one resume point.
 
@@ -178,25 +176,23 @@ class SpectralDistillationTrainer(Trainer):
         """
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         check_output_dir(self.args.output_dir, self.args.overwrite_output_dir, checkpoint)
-        lock = acquire_run_lock(self.accelerator, self.args.output_dir)
         self.preempted_at_step = None
-        try:
-            if self.args.overwrite_output_dir and lock is not None:  # the main process, sure no other run uses it
-                clear_previous_run(self.args.output_dir)
-            self.run_record.check_resume(checkpoint, self._planned_max_steps, self.is_world_process_zero())
-            self._checkpoints.restore(checkpoint)
-            self._data_order.resume(self.train_dataset, checkpoint)
-            if self._preemption is not None:
-                self._preemption.install()
-            self.check_teacher()
-            result = super().train(checkpoint, *args, **kwargs)
-            self._check_finite()
-            return result
-        finally:
-            if self._preemption is not None:
-                self._preemption.restore()
-            if lock is not None:
-                lock.release()
+        with self._output_dir.holding() as lock_holder:
+            try:
+                if self.args.overwrite_output_dir and lock_holder:  # the main process, sure no other run uses it
+                    clear_previous_run(self.args.output_dir)
+                self.run_record.check_resume(checkpoint, self._planned_max_steps, self.is_world_process_zero())
+                self._checkpoints.restore(checkpoint)
+                self._data_order.resume(self.train_dataset, checkpoint)
+                if self._preemption is not None:
+                    self._preemption.install()
+                self.check_teacher()
+                result = super().train(checkpoint, *args, **kwargs)
+                self._check_finite()
+                return result
+            finally:
+                if self._preemption is not None:
+                    self._preemption.restore()
 
     def _planned_max_steps(self) -> tuple[int, Optional[float]]:
         """The optimizer steps this run trains to and the epochs they come from (``None`` for ``--max_steps``)."""
@@ -253,6 +249,10 @@ class SpectralDistillationTrainer(Trainer):
         save, run_dir = super()._save_checkpoint, super()._get_output_dir(trial)
         self._checkpoints.save(run_dir, self.state, lambda: save(model, trial))
         self._saved_step = self.state.global_step
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:  # the final student's failed write: 1 line
+        save = super()._save
+        self._checkpoints.save_final(output_dir or self.args.output_dir, lambda: save(output_dir, state_dict))
 
     def _get_output_dir(self, trial) -> str:  # the staging folder while the writer saves
         return self._checkpoints.run_dir(super()._get_output_dir(trial))

@@ -30,7 +30,7 @@ from hf_spectralkd.data import (
     IMAGENET_STD,
     DataArguments,
     ImageClassificationCollator,
-    TensorImagePipeline,
+    TorchvisionPipeline,
     TransformedImageDataset,
     build_eval_transform,
     build_mixup,
@@ -38,7 +38,8 @@ from hf_spectralkd.data import (
     first_images,
     pixel_batch,
 )
-from hf_spectralkd.data import tensor_pipeline as tp
+from hf_spectralkd.data import torchvision_backend as tp
+from hf_spectralkd.data.torchvision_backend import batching
 from hf_spectralkd.data.transforms import _posterize_keeping_zero_bits
 from hf_spectralkd.errors import ConfigurationError
 from hf_spectralkd.teacher import check_teacher
@@ -57,7 +58,7 @@ def photograph(name: str) -> bytes:
     return (importlib.resources.files("sklearn.datasets") / "images" / f"{name}.jpg").read_bytes()
 
 
-def build(pipeline: TensorImagePipeline, images: list[bytes], seeds=None, labels=None) -> dict:
+def build(pipeline: TorchvisionPipeline, images: list[bytes], seeds=None, labels=None) -> dict:
     """Prepare, collate and build a batch of encoded images on the CPU, as workers and the trainer do."""
     seeds = seeds if seeds is not None else list(range(len(images)))
     labels = labels if labels is not None else [0] * len(images)
@@ -79,7 +80,7 @@ def in_pixel_units(difference: torch.Tensor) -> torch.Tensor:
 def test_eval_transform_matches_timms_on_photographs(name, size, crop_pct):
     data = photograph(name)
     args = DataArguments(eval_crop_pct=crop_pct)
-    ours = build(TensorImagePipeline(args, size, train=False), [data])["pixel_values"][0]
+    ours = build(TorchvisionPipeline(args, size, train=False), [data])["pixel_values"][0]
     expected = build_eval_transform(args, size)(decode_image(data))
     assert ours.shape == expected.shape == (3, size, size)
     assert in_pixel_units(ours - expected).abs().mean() <= 1 / 255
@@ -90,10 +91,10 @@ def test_exif_oriented_jpeg_is_decoded_by_torchvision_and_turned_as_pil_turns_it
     photo = np.asarray(decode_image(photograph("grace_hopper")).resize((40, 24)))  # 40 wide, 24 high
     data = exif_jpeg(photo, orientation)
     expected = tp.pil_to_tensor(decode_image(data))
-    pipeline = TensorImagePipeline(DataArguments(), 32, train=False)
+    pipeline = TorchvisionPipeline(DataArguments(), 32, train=False)
     prepared = pipeline.prepare(data, 0)
     assert prepared.encoded is not None  # left to the torchvision decoder
-    monkeypatch.setattr(tp, "decode_image", lambda *_: pytest.fail("fell back to the PIL decoder"))
+    monkeypatch.setattr(batching, "decode_image", lambda *_: pytest.fail("fell back to the PIL decoder"))
     upright = tp.PreparedBatch(pipeline, [prepared], [0]).decode(torch.device("cpu"))[0]
     assert torch.equal(upright, expected)
     assert prepared.size == tuple(upright.shape[1:])
@@ -122,8 +123,8 @@ def our_op(name: str, image: Image.Image, magnitude: float, negate: bool, interp
 
 
 FILL = (124, 116, 104)  # timm's fill: the ImageNet mean in 8 bits
-POINT_OPS = [name for name in tp.RAND_INCREASING_OPS if name not in tp._AFFINE_OPS]
-AFFINE_OPS = [name for name in tp.RAND_INCREASING_OPS if name in tp._AFFINE_OPS]
+POINT_OPS = [name for name in tp.RAND_INCREASING_OPS if name not in tp.AFFINE_OPS]
+AFFINE_OPS = [name for name in tp.RAND_INCREASING_OPS if name in tp.AFFINE_OPS]
 
 
 @pytest.mark.parametrize("name", POINT_OPS)
@@ -160,7 +161,7 @@ def test_posterize_to_zero_bits_is_black_as_the_pil_backend_makes_it():
     assert int(ours.max()) == 0
 
 
-def timm_reference(image: Image.Image, params: tp.AugmentParams, pipeline: TensorImagePipeline) -> torch.Tensor:
+def timm_reference(image: Image.Image, params: tp.AugmentParams, pipeline: TorchvisionPipeline) -> torch.Tensor:
     """The PIL pipeline's operations on the same draws: crop + resize, flip, timm's ops, ToTensor, Normalize."""
     from torchvision.transforms import functional as F
 
@@ -172,7 +173,7 @@ def timm_reference(image: Image.Image, params: tp.AugmentParams, pipeline: Tenso
         if index < 0:
             continue
         name = tp.RAND_INCREASING_OPS[index]
-        if name in tp._AFFINE_OPS:
+        if name in tp.AFFINE_OPS:
             image = image.transform(image.size, Image.Transform.AFFINE, values, Image.Resampling.BICUBIC, fillcolor=pipeline.fill)
         elif name == "PosterizeIncreasing":
             image = _posterize_keeping_zero_bits(image, int(values[0]))
@@ -188,7 +189,7 @@ def timm_reference(image: Image.Image, params: tp.AugmentParams, pipeline: Tenso
 @pytest.mark.parametrize("seed", range(8))
 def test_training_transform_applies_timms_operations_in_timms_order(seed):
     data = photograph("grace_hopper")
-    pipeline = TensorImagePipeline(DataArguments(reprob=0.0), 64, train=True)
+    pipeline = TorchvisionPipeline(DataArguments(reprob=0.0), 64, train=True)
     ours = build(pipeline, [data], seeds=[seed])["pixel_values"][0]
     image = decode_image(data)
     expected = timm_reference(image, pipeline.draw(seed, image.height, image.width), pipeline)
@@ -197,7 +198,7 @@ def test_training_transform_applies_timms_operations_in_timms_order(seed):
 
 
 def test_draws_follow_timms_distributions():
-    pipeline = TensorImagePipeline(DataArguments(), 224, train=True)
+    pipeline = TorchvisionPipeline(DataArguments(), 224, train=True)
     draws = [pipeline.draw(seed, 375, 500) for seed in range(2000)]
     assert abs(np.mean([d.flip for d in draws]) - 0.5) < 0.05
     assert abs(np.mean([d.erase is not None for d in draws]) - 0.25) < 0.04
@@ -219,15 +220,15 @@ def test_draws_follow_timms_distributions():
 def test_horizontal_flip_mirrors_the_image_exactly():
     data = photograph("china")
     plain = dict(auto_augment="none", reprob=0.0)
-    never = build(TensorImagePipeline(DataArguments(hflip=0.0, **plain), 48, True), [data], seeds=[3])["pixel_values"][0]
-    always = build(TensorImagePipeline(DataArguments(hflip=1.0, **plain), 48, True), [data], seeds=[3])["pixel_values"][0]
+    never = build(TorchvisionPipeline(DataArguments(hflip=0.0, **plain), 48, True), [data], seeds=[3])["pixel_values"][0]
+    always = build(TorchvisionPipeline(DataArguments(hflip=1.0, **plain), 48, True), [data], seeds=[3])["pixel_values"][0]
     assert torch.equal(always, never.flip(-1))
 
 
 def test_random_erasing_puts_per_pixel_noise_in_one_box():
     data = photograph("flower")
-    plain = TensorImagePipeline(DataArguments(reprob=0.0), 64, train=True)
-    erasing = TensorImagePipeline(DataArguments(reprob=1.0), 64, train=True)
+    plain = TorchvisionPipeline(DataArguments(reprob=0.0), 64, train=True)
+    erasing = TorchvisionPipeline(DataArguments(reprob=1.0), 64, train=True)
     image = decode_image(data)
     seed = next(s for s in range(100) if erasing.draw(s, image.height, image.width).erase is not None)
     top, left, height, width = erasing.draw(seed, image.height, image.width).erase
@@ -257,23 +258,23 @@ def test_augmentation_is_a_function_of_the_seed_across_processes(tmp_path):
                                              collate_fn=ImageClassificationCollator())
         return pixel_batch(next(iter(loader)), "cpu")["pixel_values"]
 
-    dataset = TransformedImageDataset(raw, TensorImagePipeline(args, 32, train=True), "image", "label", seed=5)
+    dataset = TransformedImageDataset(raw, TorchvisionPipeline(args, 32, train=True), "image", "label", seed=5)
     first = batch(dataset)
     assert torch.equal(batch(dataset), first)
     # a fresh pipeline in two worker processes (a restarted run): the same tensors
-    restarted = TransformedImageDataset(raw, TensorImagePipeline(args, 32, train=True), "image", "label", seed=5)
+    restarted = TransformedImageDataset(raw, TorchvisionPipeline(args, 32, train=True), "image", "label", seed=5)
     assert torch.equal(batch(restarted, workers=2), first)
     # another epoch, another seed: other crops
     dataset.set_epoch(1)
     other = batch(dataset)
     assert all(not torch.equal(a, b) for a, b in zip(other, first))
-    assert TensorImagePipeline(args, 32, True).draw(1, 40, 40).crop != TensorImagePipeline(args, 32, True).draw(2, 40, 40).crop
+    assert TorchvisionPipeline(args, 32, True).draw(1, 40, 40).crop != TorchvisionPipeline(args, 32, True).draw(2, 40, 40).crop
 
 
 def test_mixup_is_applied_after_decoding():
     rng = np.random.default_rng(0)
     images = [encoded(class_image(i % 3, rng), "JPEG") for i in range(5)]
-    pipeline = TensorImagePipeline(DataArguments(), 32, train=True)
+    pipeline = TorchvisionPipeline(DataArguments(), 32, train=True)
     collator = ImageClassificationCollator(build_mixup(DataArguments(mixup=0.8), 3, 0.1))
     samples = [pipeline.prepare_sample({"bytes": data, "path": None}, i % 3, i) for i, data in enumerate(images)]
     mixed = pixel_batch(collator(samples), "cpu")
@@ -311,7 +312,7 @@ def test_undecodable_files_are_skipped_and_counted_as_the_pil_backend_does():
     )
     args = DataArguments()
     pil = TransformedImageDataset(raw, build_eval_transform(args, 32), "image", "label")
-    ours = TransformedImageDataset(raw, TensorImagePipeline(args, 32, train=False), "image", "label")
+    ours = TransformedImageDataset(raw, TorchvisionPipeline(args, 32, train=False), "image", "label")
     collate = ImageClassificationCollator()
     expected = collate([pil[i] for i in range(len(files))])
     batch = pixel_batch(collate([ours[i] for i in range(len(files))]), "cpu")
@@ -340,7 +341,7 @@ def test_a_batch_with_one_bad_jpeg_decodes_the_others():
 ])
 def test_options_the_backend_cannot_honour_are_refused_in_one_line(option, value):
     with pytest.raises(ConfigurationError) as error:
-        TensorImagePipeline(DataArguments(**{option: value}), 32, train=True)
+        TorchvisionPipeline(DataArguments(**{option: value}), 32, train=True)
     message = str(error.value)
     assert message.startswith(f"{option}: '{value}' is not available with --data_backend torchvision; expected")
     assert "\n" not in message
@@ -374,7 +375,7 @@ def test_first_images_and_teacher_check_decode_encoded_batches():
     )
     args = DataArguments()
     pil = TransformedImageDataset(raw, build_eval_transform(args, 32), "image", "label")
-    ours = TransformedImageDataset(raw, TensorImagePipeline(args, 32, train=False), "image", "label")
+    ours = TransformedImageDataset(raw, TorchvisionPipeline(args, 32, train=False), "image", "label")
     assert in_pixel_units(first_images(ours, 4) - first_images(pil, 4)).abs().mean() <= 1 / 255
     teacher = tiny_cait(num_labels=3).eval()
     assert check_teacher(teacher, ours, 6, torch.device("cpu"), 4) == check_teacher(teacher, pil, 6, torch.device("cpu"), 4)

@@ -1,189 +1,26 @@
-"""Datasets to train and evaluate on: Hub ids, local imagefolder/parquet and the offline demo digits."""
+"""Opening a split: Hub ids, local imagefolder, parquet and ``save_to_disk`` folders, and the offline demo digits.
+
+:func:`open_image_datasets` opens the train and eval splits (or only the eval split) undecoded, checks
+their columns, parquet files and label values (:mod:`.label_values`) and reads the class names: every
+bad input is a one-line :class:`~..errors.ConfigurationError` before any image is decoded.
+:func:`open_split` opens one split for analyses.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
-from transformers import TrainerCallback
-
-from ..errors import ConfigurationError, TooManyBadImagesError
+from ..errors import ConfigurationError
 from ..integrity import first_line
-from .arguments import DEMO_DATASET, KNOWN_TRAIN_SIZES, DataArguments
+from .arguments import DEMO_DATASET, DataArguments
 from .label_values import check_eval_labels, imagefolder_layout_problem, split_class_names, warn_empty_class_folders
-from .shards import IterableDatasetShards, ParquetShards, check_parquet_files
-from .streaming import ResumableImageStream
-from .tensor_pipeline import TensorImagePipeline, collate_prepared, pixel_batch
-from .transforms import (
-    build_eval_transform,
-    build_image_processor,
-    build_mixup,
-    build_train_transform,
-    sample_seed,
-    seeded_rngs,
-    transform_row,
-)
+from .shards import check_parquet_files
 
 logger = logging.getLogger(__name__)
-
-
-class TransformedImageDataset(torch.utils.data.Dataset):
-    """Map-style view of a ``datasets.Dataset`` yielding ``{"pixel_values", "labels", "seed"}``.
-
-    With a :class:`~.tensor_pipeline.TensorImagePipeline` as ``transform`` (``--data_backend
-    torchvision``) a sample holds the prepared, still encoded image under ``"prepared"`` instead.
-
-    ``set_epoch`` (called each epoch by the trainer, resumed epochs included) changes the
-    augmentation of every sample; the epoch lives in shared memory so persistent workers see it too.
-    An item is an index, or an ``(index, copy)`` pair from
-    :class:`~.sampling.RepeatedAugmentationSampler`: each copy of an image gets its own augmentation.
-
-    Args:
-        repeated_augmentation: copies of each image per epoch the trainer's sampler should draw (1: off).
-    """
-
-    def __init__(self, dataset, transform: Callable, image_column: str, label_column: str, seed: int = 0,
-                 repeated_augmentation: int = 1):
-        import datasets
-
-        self.dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        self.transform, self.image_column, self.label_column, self.seed = transform, image_column, label_column, seed
-        self.repeated_augmentation = max(1, int(repeated_augmentation))
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(int(epoch))
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item) -> dict[str, Any]:
-        index, copy = (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), 0)
-        row = self.dataset[index]
-        # copy 0 keeps the seed of a run without repeated augmentation
-        parts = (self.seed, self.epoch, index) if copy == 0 else (self.seed, self.epoch, index, copy)
-        return transform_row(row[self.image_column], row[self.label_column], self.transform, sample_seed(*parts))
-
-
-class ImageClassificationCollator:
-    """Stack samples into ``{"pixel_values": B×3×S×S, "labels": B (or B×K), "num_skipped", "num_images"}``.
-
-    Samples whose image failed to decode (``pixel_values is None``) are dropped and counted in
-    ``num_skipped``; ``num_images`` is the number of samples the batch was made from, decodable or
-    not (the trainer's denominators). With a timm ``Mixup``, the batch is mixed under an RNG seeded
-    from its samples' seeds and ``labels`` become ``B×K`` soft targets; an odd batch loses its last
-    image first (timm pairs images by flipping the batch), which is not counted as skipped.
-
-    Prepared samples (``--data_backend torchvision``) become ``{"encoded_images", "labels",
-    "num_skipped", "num_images"}`` instead: the encoded images are decoded, augmented (and mixed) in
-    the training process by :func:`~.tensor_pipeline.pixel_batch`.
-    """
-
-    def __init__(self, mixup: Optional[Callable] = None):
-        self.mixup = mixup
-
-    def __call__(self, samples: Sequence[Optional[dict[str, Any]]]) -> dict[str, Any]:
-        if any(s is not None and "prepared" in s for s in samples):
-            return collate_prepared(samples, self.mixup)
-        valid = [s for s in samples if s is not None and s.get("pixel_values") is not None]
-        skipped = len(samples) - len(valid)
-        if not valid:
-            raise TooManyBadImagesError(
-                f"image_column: every image of a batch of {len(samples)} failed to decode; check that the dataset's "
-                "image column holds images (--image_column)"
-            )
-        pixel_values = torch.stack([torch.as_tensor(s["pixel_values"]) for s in valid])
-        labels = torch.as_tensor([int(s["labels"]) for s in valid], dtype=torch.long)
-        if self.mixup is not None:
-            if len(valid) % 2:
-                # timm's Mixup pairs images by flipping the batch and needs an even size.
-                pixel_values, labels = pixel_values[:-1], labels[:-1]
-            batch_seed = sample_seed(*(s.get("seed", 0) for s in valid))
-            with seeded_rngs(batch_seed):
-                pixel_values, labels = self.mixup(pixel_values, labels)
-        return {"pixel_values": pixel_values, "labels": labels, "num_skipped": skipped, "num_images": len(samples)}
-
-
-def share_above(count: int, total: int, limit: float, whole_split: bool, z: float = 3.09) -> bool:
-    """Whether more than ``limit`` of a split's images fail, given ``count`` failures among ``total`` read.
-
-    On a whole split (an evaluation) the observed share is the answer. On part of one (training
-    so far) it is only an estimate, and a few early failures in a small sample would otherwise stop
-    a sound run: the answer is then yes only when the lower end of the Wilson interval, at 99.9 %
-    one-sided confidence (``z`` = 3.09), is above ``limit``.
-    """
-    if total <= 0 or count <= 0:
-        return False
-    share = count / total
-    if whole_split:
-        return share > limit
-    z2 = z * z
-    center = share + z2 / (2 * total)
-    spread = z * math.sqrt(share * (1 - share) / total + z2 / (4 * total * total))
-    return (center - spread) / (1 + z2 / total) > limit
-
-
-class DatasetEpochCallback(TrainerCallback):
-    """Tell the training dataset which epoch starts, also on a resumed run.
-
-    Augmentation (map-style) and stream order (streaming) depend on the epoch. accelerate forwards
-    ``set_epoch`` to the dataset, except through the loader that skips the already-seen batches of a
-    resumed epoch, which would replay that epoch with epoch 0's randomness.
-
-    Args:
-        get_dataset: returns the current training dataset (the trainer's ``train_dataset``).
-    """
-
-    def __init__(self, get_dataset: Callable[[], Any]):
-        self.get_dataset = get_dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        dataset = self.get_dataset()
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # A stream that resumes itself is not replayed, so the Trainer counts the resumed run's steps
-        # from 0 when it computes the epoch. A stream is one epoch of max_steps steps: an uninterrupted
-        # run computes (global_step·GA)/(max_steps·GA), which rounds to the same float as this.
-        if getattr(self.get_dataset(), "resumes_itself", False) and state.max_steps:
-            state.epoch = state.global_step / state.max_steps
-
-
-def first_images(dataset, count: int) -> Optional[torch.Tensor]:
-    """The first ``count`` images of a dataset of samples, stacked as ``N×3×H×W`` (no mixup), or ``None``.
-
-    The fixed batch of analyses (spectral profiles, ``layer_map="auto"``): on an evaluation set its
-    transform is deterministic, so the same images every time. Encoded images (``--data_backend
-    torchvision``) are decoded on the CPU.
-    """
-    if dataset is None or count <= 0:
-        return None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=count, collate_fn=ImageClassificationCollator())
-    return pixel_batch(next(iter(loader)), "cpu")["pixel_values"]
-
-
-@dataclass
-class ImageDatasets:
-    """What :func:`load_image_datasets` returns."""
-
-    train: Any  # TransformedImageDataset, ResumableImageStream when streaming, None in an evaluation-only run
-    eval: Optional[TransformedImageDataset]
-    id2label: dict[int, str]
-    train_size: Optional[int]  # number of training images when known
-    streaming: bool
-    source: str
-    collator: ImageClassificationCollator = field(default_factory=ImageClassificationCollator)
-    image_processor: Any = None  # the processor matching the evaluation transform, saved with the student
 
 
 def _local_parquet_files(root: Path) -> list[Path]:
@@ -483,76 +320,3 @@ def _open_eval_only(args: DataArguments, token: Optional[str]) -> RawImageDatase
     if args.max_eval_samples is not None:
         eval_raw = eval_raw.select(range(min(args.max_eval_samples, len(eval_raw))))
     return RawImageDatasets(None, eval_raw, id2label, args, args.eval_split)
-
-
-def prepare_image_datasets(
-    raw: RawImageDatasets, image_size: int, seed: int = 0, label_smoothing: float = 0.1, cache_dir: Optional[str] = None
-) -> ImageDatasets:
-    """Attach the train/eval transforms and build the collator (step two of loading).
-
-    A streamed train split becomes a :class:`~.streaming.ResumableImageStream`; its layout (rows per
-    block) is read from parquet footers here, or, for other formats, counted once when training
-    starts; ``cache_dir`` (the run's output folder) keeps it as ``stream_layout.json``.
-    """
-    args = raw.args
-    if args.data_backend == "torchvision":
-        train_transform = TensorImagePipeline(args, image_size, train=True)
-        eval_transform = TensorImagePipeline(args, image_size, train=False)
-    else:
-        train_transform = build_train_transform(args, image_size)
-        eval_transform = build_eval_transform(args, image_size)
-    train, train_size = None, None
-    if raw.train is None:
-        pass  # evaluation only
-    elif args.streaming:
-        if raw.train_files:
-            source = ParquetShards(raw.train_files, args.image_column, args.label_column)
-        else:
-            name = "/".join(str(part) for part in (args.dataset, args.dataset_config, args.train_split, args.dataset_revision) if part)
-            source = IterableDatasetShards(raw.train, args.image_column, args.label_column, name)
-        train = ResumableImageStream(source, train_transform, seed, args.shuffle_buffer_size, args.repeated_augmentation,
-                                     max_rows=args.max_train_samples, cache_dir=cache_dir)
-        train_size = args.train_samples or (train.num_rows if raw.train_files else _streamed_size(raw.train, args))
-        if args.max_train_samples is not None:
-            train_size = min(train_size, args.max_train_samples) if train_size else args.max_train_samples
-    else:
-        train_size = len(raw.train)
-        train = TransformedImageDataset(raw.train, train_transform, args.image_column, args.label_column, seed,
-                                        args.repeated_augmentation)
-    evaluation = None
-    if raw.eval is not None:
-        evaluation = TransformedImageDataset(raw.eval, eval_transform, args.image_column, args.label_column, seed)
-    collator = ImageClassificationCollator(build_mixup(args, len(raw.id2label), label_smoothing))
-    return ImageDatasets(train, evaluation, raw.id2label, train_size, args.streaming, args.dataset, collator,
-                         build_image_processor(args, image_size))
-
-
-def load_image_datasets(
-    args: DataArguments, image_size: int, seed: int = 0, label_smoothing: float = 0.1, token: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-) -> ImageDatasets:
-    """:func:`open_image_datasets` then :func:`prepare_image_datasets`."""
-    return prepare_image_datasets(open_image_datasets(args, seed, token), image_size, seed, label_smoothing, cache_dir)
-
-
-def _streamed_size(ds, args: DataArguments) -> Optional[int]:
-    splits = getattr(getattr(ds, "info", None), "splits", None)
-    if splits and args.train_split in splits and splits[args.train_split].num_examples:
-        return int(splits[args.train_split].num_examples)
-    return KNOWN_TRAIN_SIZES.get(args.dataset)
-
-
-def steps_for_epochs(num_examples: int, epochs: float, per_device_batch_size: int, world_size: int, grad_accum: int,
-                     repeated_augmentation: int = 1) -> int:
-    """Optimizer steps covering ``epochs`` epochs of ``num_examples`` images (for streamed data).
-
-    An epoch is ``num_examples`` samples, with or without repeated augmentation, as in DeiT: with
-    ``R`` repeats it holds about ``num_examples / R`` distinct images seen ``R`` times each, and
-    (like DeiT's ``RASampler`` and :class:`~.sampling.RepeatedAugmentationSampler`) only whole
-    global batches, ``⌊num_examples / global batch⌋`` steps. Without repeats a partial last batch
-    counts as a step.
-    """
-    global_batch = per_device_batch_size * world_size * grad_accum
-    if repeated_augmentation > 1:
-        return max(1, math.ceil(epochs * max(1, num_examples // global_batch)))
-    return max(1, math.ceil(epochs * num_examples / global_batch))
