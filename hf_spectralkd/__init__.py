@@ -10,11 +10,10 @@ Importing the package registers the Lift and WideLast students (``hf_spectralkd.
 transformers' ``AutoConfig`` and ``AutoModelForImageClassification``.
 """
 
-from .cli.common import interruptible_start  # stdlib and yaml only: in place before the long imports
+from .startup import interruptible_start  # stdlib only: in place before the long imports
 
 with interruptible_start():
     from . import students  # noqa: F401  (registers the students with the Auto classes)
-    from .cli.distill import load_recipe  # noqa: E402 - needs the trainer
     from .config import SpectralDistillationConfig
     from .errors import (
         CheckpointSaveError,
@@ -25,9 +24,15 @@ with interruptible_start():
         TooManyBadImagesError,
     )
     from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
-    from .trainer import SpectralDistillationTrainer
+    from .recipe import load_recipe
+    from .training import SpectralDistillationTrainer
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("hf_spectralkd")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CheckpointSaveError",

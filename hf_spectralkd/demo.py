@@ -25,7 +25,7 @@ def train_demo_teacher(
     """
     from transformers import set_seed
 
-    from .trainer import SpectralDistillationTrainer
+    from .training import SpectralDistillationTrainer
 
     # Seeded here, not by whatever was built before: every demo (plain or WideLast student) trains the same teacher.
     set_seed(args.seed)

@@ -106,24 +106,6 @@ def write_model_card(
     return folder / "README.md"
 
 
-class ModelCardMixin:
-    """``transformers.Trainer`` mixin: the SpectralKD card (from ``self.summary``) beside every saved student."""
-
-    def _write_card(self, output_dir: str) -> None:
-        self.summary.record_training_state(self.state)
-        write_model_card(self.summary, output_dir, self.args.hub_model_id, model_name=Path(self.args.output_dir).name)
-
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self._write_card(output_dir or self.args.output_dir)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        """Replace the Trainer's generic card with the SpectralKD card (called by ``push_to_hub``)."""
-        if self.is_world_process_zero():
-            self._write_card(self.args.output_dir)
-
-
 #: What `hf-spectralkd push` never uploads: checkpoints (optimizer states), staging folders, TensorBoard events.
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".checkpoint-staging/**", "runs/**", "_*", "*.tmp", ".hf_spectralkd.lock",
                "run_config.json"]

@@ -144,11 +144,7 @@ class RunSummary:
             temperature=args.temperature,
             feature_loss=args.feature_loss,
             label_smoothing=args.label_smoothing_factor,
-            layer_map=[
-                {"student": p.student, "teacher": p.teacher, "student_shape": list(p.student_shape),
-                 "teacher_shape": list(p.teacher_shape)}
-                for p in layer_map
-            ],
+            layer_map=layer_map_record(layer_map),
             num_train_epochs=args.num_train_epochs,
             max_steps=args.max_steps,
             per_device_train_batch_size=args.per_device_train_batch_size,
@@ -201,3 +197,9 @@ def write_json_atomic(path: str, payload: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)
     os.replace(tmp, path)
+
+
+def layer_map_record(layer_map: Sequence) -> list[dict[str, Any]]:
+    """The layer pairs as the summary records them (student/teacher index and feature-map shapes)."""
+    return [{"student": p.student, "teacher": p.teacher, "student_shape": list(p.student_shape),
+             "teacher_shape": list(p.teacher_shape)} for p in layer_map]

@@ -110,17 +110,15 @@ def test_a_finished_recipe_tears_its_process_group_down(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from hf_spectralkd.cli import distill
-
-    monkeypatch.setattr(distill, "check_model_arguments", lambda *a: None)
     argv = ["demo", "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        monkeypatch.setattr(distill, "_run", lambda *a: (_ for _ in ()).throw(RuntimeError("failed mid-run")))
+        monkeypatch.setattr(distill, "run", lambda *a: (_ for _ in ()).throw(RuntimeError("failed mid-run")))
         with pytest.raises(RuntimeError, match="failed mid-run"):
             distill.main.__wrapped__(argv)
         assert dist.is_initialized()  # the other ranks may still be in a collective: no teardown after an error
 
-        monkeypatch.setattr(distill, "_run", lambda *a: 0)
+        monkeypatch.setattr(distill, "run", lambda *a: 0)
         assert distill.main.__wrapped__(argv) == 0
         assert not dist.is_initialized()
     finally:

@@ -228,10 +228,55 @@ def test_lock_of_a_live_process_blocks_and_of_a_dead_one_is_taken_over(tmp_path)
     path = write_lock(tmp_path / "stale", dead_pid(), socket.gethostname())
     with OutputDirLock(str(tmp_path / "stale")):
         assert json.loads(path.read_text())["pid"] == os.getpid()
-        with OutputDirLock(str(tmp_path / "stale")):  # re-entrant: the recipe, then Trainer.train
-            pass
-        assert path.exists()  # the inner holder did not remove the outer one's lock
+        with pytest.raises(OutputDirLockedError, match="in use by another run"):  # one holder per run: not re-entrant
+            OutputDirLock(str(tmp_path / "stale")).acquire()
+        assert path.exists()  # the refused second holder did not remove the first one's lock
     assert not path.exists()
+
+
+def test_a_run_holds_its_folder_from_training_to_its_results_and_an_evaluation_holds_its_own(
+    saved_models, imagefolder, tmp_path, monkeypatch
+):
+    """The final save, the evaluation and results.json are written under the lock, which is gone after the run."""
+    import hf_spectralkd.recipe.run as recipe
+    from hf_spectralkd import SpectralDistillationTrainer
+
+    owners = []  # (moment, pid in the output folder's lock file)
+
+    def owner(trainer) -> object:
+        path = Path(trainer.args.output_dir) / LOCK_FILE
+        return json.loads(path.read_text())["pid"] if path.exists() else None
+
+    def watched(name, method):
+        def call(trainer, *args, **kwargs):
+            if not args and not kwargs.get("output_dir"):  # not a checkpoint's save (into its staging folder)
+                owners.append((name, owner(trainer)))
+            return method(trainer, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(SpectralDistillationTrainer, "save_model",
+                        watched("final save", SpectralDistillationTrainer.save_model))
+    monkeypatch.setattr(SpectralDistillationTrainer, "evaluate", watched("evaluation", SpectralDistillationTrainer.evaluate))
+    write_results = recipe.write_results
+
+    def results(summary, trainer, *args, **kwargs):
+        owners.append(("results", owner(trainer)))
+        return write_results(summary, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "write_results", results)
+    out = tmp_path / "out"
+    argv = tiny_run_args(saved_models, imagefolder, out, "--eval_strategy", "no", "--save_steps", "4",
+                         "--profile_images", "0", "--evaluate_teacher", "false")
+    assert run_distill.main(argv) == 0
+    assert owners == [("final save", os.getpid()), ("evaluation", os.getpid()), ("results", os.getpid())]
+    assert not (out / LOCK_FILE).exists()
+
+    owners.clear()
+    evaluated = tmp_path / "evaluated"
+    assert run_distill.main(["--do_train", "false", "--do_eval", "true", "--student", str(out), "--dataset", imagefolder,
+                             "--output_dir", str(evaluated), "--use_cpu", "true", "--report_to", "none"]) == 0
+    assert owners == [("evaluation", os.getpid()), ("results", os.getpid())]
+    assert not (evaluated / LOCK_FILE).exists()
 
 
 def test_lock_of_another_host_expires_without_heartbeat(tmp_path):
@@ -244,7 +289,7 @@ def test_lock_of_another_host_expires_without_heartbeat(tmp_path):
 
 
 def test_a_lock_file_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
-    import hf_spectralkd.checkpointing as checkpointing
+    import hf_spectralkd.checkpointing.run_lock as checkpointing
 
     def disk_full(record, handle):
         handle.write("{")  # part of it was buffered, then the disk was full

@@ -32,7 +32,7 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
-import hf_spectralkd.checkpointing as checkpointing
+import hf_spectralkd.checkpointing.atomic as checkpointing
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.checkpointing import LOCK_FILE
 

@@ -101,7 +101,7 @@ def test_overwrite_clears_the_old_run_and_resume_refuses_other_or_finished_runs(
 def test_which_fields_change_a_run():
     """Options that change the trained weights are compared on resume; logging, output, loading and length are not."""
     from hf_spectralkd import SpectralDistillationConfig
-    from hf_spectralkd.run_record import record_differences
+    from hf_spectralkd.training.run_record import record_differences
 
     def record(dataset="x", **options):
         values = {"output_dir": "a", "use_cpu": True, "report_to": [], "student_layers": [0, 2], "teacher_layers": [0, 3],
@@ -208,7 +208,7 @@ def test_nonfinite_loss_names_the_last_checkpoint_only_when_there_is_one(tmp_pat
     from types import SimpleNamespace
 
     from hf_spectralkd import NonFiniteLossError
-    from hf_spectralkd.nonfinite import NonFiniteWatch
+    from hf_spectralkd.training.nonfinite import NonFiniteWatch
 
     watch = NonFiniteWatch(("loss_ce", "loss_kd", "loss_fft"))
     watch.update(torch.tensor([0.5, float("nan"), 0.1]), step=3)

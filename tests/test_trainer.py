@@ -10,7 +10,7 @@ from helpers import SyntheticImageDataset, tiny_cait, tiny_swin, tiny_vit
 from transformers import AutoModelForImageClassification
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
-from hf_spectralkd.optimization import deit_lr_lambda
+from hf_spectralkd.training.optimizer import deit_lr_lambda
 
 
 def make_config(tmp_path, **overrides) -> SpectralDistillationConfig:

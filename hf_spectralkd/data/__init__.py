@@ -45,12 +45,12 @@ from .arguments import (
 )
 from .collation import ImageClassificationCollator, first_images
 from .loading import ImageDatasets, TransformedImageDataset, load_image_datasets, prepare_image_datasets
-from .sampling import DataOrderMixin, RepeatedAugmentationSampler
+from .sampling import RepeatedAugmentationSampler
 from .shards import IterableDatasetShards, ParquetShards, ShardLayout
 from .skipped import share_above
 from .splits import RawImageDatasets, open_image_datasets
 from .streaming import DatasetEpochCallback, ResumableImageStream, steps_for_epochs
-from .torchvision_backend import ENCODED_IMAGES, DecodeOnDeviceMixin, TorchvisionPipeline, pixel_batch
+from .torchvision_backend import ENCODED_IMAGES, TorchvisionPipeline, pixel_batch
 from .transforms import (
     build_eval_transform,
     build_image_processor,
@@ -68,9 +68,7 @@ __all__ = [
     "IMAGENET_STD",
     "KNOWN_TRAIN_SIZES",
     "DataArguments",
-    "DataOrderMixin",
     "DatasetEpochCallback",
-    "DecodeOnDeviceMixin",
     "ImageClassificationCollator",
     "ImageDatasets",
     "IterableDatasetShards",

@@ -21,7 +21,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .streaming import resumes_itself
 from .transforms import sample_seed
 
 
@@ -82,28 +81,3 @@ class RepeatedAugmentationSampler(torch.utils.data.Sampler):
             for share in shares:
                 for index, copy in share[start : start + self.batch_size].tolist():
                     yield index, copy
-
-
-class DataOrderMixin:
-    """``transformers.Trainer`` mixin: the order the training data is read in.
-
-    * DeiT's repeated-augmentation sampler for a map-style dataset that asks for repeats;
-    * a stream that resumes itself (``ResumableImageStream.fast_forward``) is not replayed through
-      the DataLoader on resume: skipping its trained batches would cost time that grows with the run.
-    """
-
-    def _init_training_state(self, *args, **kwargs) -> tuple[int, int]:
-        epochs_trained, batches_to_skip = super()._init_training_state(*args, **kwargs)
-        if resumes_itself(self.train_dataset):
-            batches_to_skip = 0
-        return epochs_trained, batches_to_skip
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        repeats = int(getattr(dataset, "repeated_augmentation", 1) or 1)
-        if repeats > 1 and not isinstance(dataset, torch.utils.data.IterableDataset):
-            return RepeatedAugmentationSampler(
-                len(dataset), repeats, self.args.world_size, self._train_batch_size, self.args.gradient_accumulation_steps,
-                seed=self.args.seed, epoch=lambda: getattr(dataset, "epoch", 0),
-            )
-        return super()._get_train_sampler(train_dataset)

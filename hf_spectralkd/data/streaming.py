@@ -279,7 +279,7 @@ class ResumableImageStream(datasets.IterableDataset, torch.utils.data.IterableDa
 def resumes_itself(dataset: Any) -> bool:
     """Whether ``dataset`` starts at a resume point itself (:meth:`ResumableImageStream.fast_forward`).
 
-    The trainer then replays none of the batches a resumed run skips (``DataOrderMixin``), and the
+    The trainer then replays none of the batches a resumed run skips (``training.data_order.DataOrder``), and the
     epoch it reports is the stream's (:class:`DatasetEpochCallback`).
     """
     return bool(getattr(dataset, "resumes_itself", False))

@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import hf_spectralkd.checkpointing as checkpointing
+import hf_spectralkd.checkpointing.atomic as checkpointing
+from hf_spectralkd.checkpointing import checkpoint_folders
 from hf_spectralkd.cli.distill import main
-from hf_spectralkd.trainer import SpectralDistillationTrainer
+from hf_spectralkd.training import SpectralDistillationTrainer
 
 fault, _, value = os.environ["HF_SPECTRALKD_TEST_FAULT"].partition(":")
 
@@ -83,7 +84,7 @@ elif fault in ("fill_disk_after_save", "fill_disk_before_final", "remount_ro_aft
 
         def fill_then_save(self, output_dir=None, _internal_call=False):
             if output_dir is None:  # the recipe's final save; checkpoints pass their staging folder
-                newest = checkpointing.checkpoint_folders(self.args.output_dir)[-1]
+                newest = checkpoint_folders(self.args.output_dir)[-1]
                 fill(Path(value), (newest / "model.safetensors").stat().st_size // 2)
             return save_model(self, output_dir, _internal_call)
 

@@ -31,7 +31,7 @@ augmentation), ``pipeline`` (:class:`TorchvisionPipeline`, the datasets' transfo
 (worker → device batches, :func:`pixel_batch`).
 """
 
-from .batching import ENCODED_IMAGES, DecodeOnDeviceMixin, PreparedBatch, collate_prepared, pixel_batch
+from .batching import ENCODED_IMAGES, PreparedBatch, collate_prepared, pixel_batch
 from .jpeg import apply_orientation, decode_jpegs, jpeg_header, pil_to_tensor, read_bytes, upright_size
 from .params import AugmentParams, draw_params, random_resized_crop
 from .pipeline import PreparedImage, TorchvisionPipeline
@@ -51,7 +51,6 @@ __all__ = [
     "POINT_OPS",
     "RAND_INCREASING_OPS",
     "AugmentParams",
-    "DecodeOnDeviceMixin",
     "PreparedBatch",
     "PreparedImage",
     "RandAugmentPolicy",

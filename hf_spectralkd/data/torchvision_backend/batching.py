@@ -135,20 +135,3 @@ def pixel_batch(batch: Any, device: Any) -> Any:
         pixel_values, labels = mix_batch(images.mixup, pixel_values, labels, seeds)
     out["pixel_values"], out["labels"] = pixel_values, labels
     return out
-
-
-class DecodeOnDeviceMixin:
-    """Trainer mixin: batches of encoded images become ``pixel_values`` on ``args.device`` before ``compute_loss``.
-
-    ``Trainer.training_step`` and ``prediction_step`` both pass a batch through ``_prepare_inputs``
-    first, so training, evaluation and the teacher's evaluation all decode here; other batches
-    pass unchanged.
-    """
-
-    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return super()._prepare_inputs(pixel_batch(inputs, self.args.device))
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        # The Trainer counts FLOPs on the batch as the DataLoader gave it: count the pixels it decodes to.
-        encoded = inputs.get(ENCODED_IMAGES) if isinstance(inputs, Mapping) else None
-        return super().floating_point_ops({"pixel_values": encoded} if encoded is not None else inputs)

@@ -22,10 +22,18 @@ NO_DECAY_KEYWORDS = (
 )
 
 
-class DeiTOptimizationMixin:
-    """``transformers.Trainer`` mixin: DeiT's weight-decay groups and the optional DeiT cosine schedule."""
+class DeiTOptimization:
+    """DeiT's weight-decay groups and the optional DeiT cosine schedule, for the trainer's optimizer and scheduler.
 
-    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+    Args:
+        args: the training arguments (``lr_schedule``, ``learning_rate``, ``warmup_lr``, ``min_lr``, warmup).
+    """
+
+    def __init__(self, args):
+        self.args = args
+
+    @staticmethod
+    def decay_parameter_names(model: nn.Module) -> list[str]:
         """Weight decay on matrices only: no decay on 1-D tensors, position embeddings or prefix tokens."""
         return [
             name
@@ -33,14 +41,11 @@ class DeiTOptimizationMixin:
             if param.ndim > 1 and not any(keyword in name for keyword in NO_DECAY_KEYWORDS)
         ]
 
-    def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
+    def scheduler(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+        """DeiT's warmup + cosine for ``--lr_schedule deit``; ``None`` for the Trainer's own schedules."""
         if self.args.lr_schedule != "deit":
-            return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            optimizer = self.optimizer if optimizer is None else optimizer
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, deit_lr_lambda(self.args, num_training_steps))
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, deit_lr_lambda(self.args, num_training_steps))
 
 
 def deit_lr_lambda(args, num_training_steps: int) -> Callable[[int], float]:

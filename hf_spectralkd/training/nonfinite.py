@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import NonFiniteLossError
+from ..errors import NonFiniteLossError
 
 
 class NonFiniteWatch:

@@ -2,11 +2,11 @@
 
 A run's record (``run_config.json``) holds every resolved option by section (``model``, ``data``,
 ``training``, as the recipe gives them), the number of processes (``launch``) and the student's
-architecture (``student_config``). :class:`RunRecordMixin` (mixed into the trainer) writes it into
+architecture (``student_config``). :class:`RunRecord` (a part of the trainer) writes it into
 every checkpoint, so the record travels with a checkpoint that is copied elsewhere, and, for a
 recipe run, into the output folder when training starts.
 
-Before a resumed run trains, :meth:`RunRecordMixin.check_resume` compares the checkpoint's record
+Before a resumed run trains, :meth:`RunRecord.check_resume` compares the checkpoint's record
 with the new run's, field by field, and refuses the checkpoint with one line naming every field
 that changes what is computed (a different student width, layer map, loss weight, data, seed,
 learning rate or batch): without it a resumed run silently continues another run's weights under
@@ -24,11 +24,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .errors import ConfigurationError
-from .integrity import CONFIG_FILE, read_json
-from .utils import unwrap_model
+from ..errors import ConfigurationError
+from ..integrity import CONFIG_FILE, read_json
+from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ NEUTRAL_FIELDS: dict[str, frozenset[str]] = {
         "save_on_each_node", "save_total_limit", "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo",
         "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision", "restore_callback_states_from_checkpoint",
         "skip_memory_metrics", "debug", "stop_on_nonfinite_loss", "nonfinite_check_interval", "max_skipped_fraction",
-        # the length of the run: it may grow (see RunRecordMixin.check_resume)
+        # the length of the run: it may grow (see RunRecord.check_resume)
         "max_steps", "num_train_epochs",
         # how the data is fed and the processes are joined
         "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
@@ -165,53 +165,53 @@ def resume_length_problem(checkpoint: str, step: int, saved_max_steps: Optional[
             f"{step} steps to continue the run" + (f" (it was set to {saved_max_steps})" if saved_max_steps else ""))
 
 
-class RunRecordMixin:
-    """``transformers.Trainer`` mixin: the run's record in the output folder and every checkpoint; resumes checked
-    against it (see the module docstring)."""
+class RunRecord:
+    """The run's record (a part of the trainer): written into every checkpoint and, for a recipe run, the output
+    folder; a resume is checked against it (see the module docstring).
 
-    _record_sections: Optional[dict[str, Any]] = None
+    Args:
+        args: the training arguments.
+        model: returns the student (the trainer's ``model``), whose architecture is recorded.
+    """
 
-    def record_run(self, **sections: Any) -> None:
-        """Add sections to the run's record, e.g. ``model=asdict(model_args), data=asdict(data_args)`` (dataclasses
-        are converted)."""
+    def __init__(self, args: Any, model: Callable[[], Any]):
+        self.args, self._model = args, model
+        self._sections: Optional[dict[str, Any]] = None
+
+    def add(self, **sections: Any) -> None:
+        """Add sections to the record, e.g. ``model=model_args, data=data_args`` (dataclasses are converted)."""
         converted = {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
                      for name, value in sections.items()}
-        self._record_sections = {**(self._record_sections or {}), **converted}
+        self._sections = {**(self._sections or {}), **converted}
 
-    def run_record(self) -> dict[str, Any]:
-        """The record of this run: the sections given to :meth:`record_run`, the training arguments, the number of
-        processes and the student's architecture."""
+    def state_dict(self) -> dict[str, Any]:
+        """The record: the sections given to :meth:`add`, the training arguments, the number of processes and the
+        student's architecture (saved in every checkpoint as ``run_config.json``)."""
         return _plain({
-            **(self._record_sections or {}), "training": self.args.to_dict(),
-            "launch": {"world_size": self.args.world_size}, "student_config": student_config_record(self.model),
+            **(self._sections or {}), "training": self.args.to_dict(),
+            "launch": {"world_size": self.args.world_size}, "student_config": student_config_record(self._model()),
         })
 
-    def check_resume(self, checkpoint: Optional[str]) -> None:
+    def check_resume(self, checkpoint: Optional[str], planned_max_steps: Callable[[], tuple[int, Optional[float]]],
+                     is_main_process: bool) -> None:
         """Raise :class:`~hf_spectralkd.errors.ConfigurationError` when resuming from ``checkpoint`` would continue
-        another run, or would not train at all; then, for a run described by :meth:`record_run` (the recipe's), write
-        its record into the output folder (the Python API's folder holds what it held before: the record is in each
-        checkpoint, which ``push_to_hub`` leaves out, and not beside the student it uploads)."""
+        another run, or would not train at all; then, for a run described by :meth:`add` (the recipe's), write
+        the record into the output folder (the Python API's folder holds what it held before: the record is in each
+        checkpoint, which ``push_to_hub`` leaves out, and not beside the student it uploads).
+
+        ``planned_max_steps``: the optimizer steps the run trains to and the epochs they come from (``None`` for
+        ``--max_steps``), as ``Trainer.train`` computes them.
+        """
         if checkpoint:
-            check_same_run(checkpoint, self.run_record())
+            check_same_run(checkpoint, self.state_dict())
             state, problem = read_json(Path(checkpoint) / TRAINER_STATE_FILE)
             if problem is None and isinstance(state, dict) and isinstance(state.get("global_step"), int):
-                max_steps, epochs = self._planned_max_steps()
+                max_steps, epochs = planned_max_steps()
                 problem = resume_length_problem(checkpoint, state["global_step"], state.get("max_steps"), max_steps, epochs)
                 if problem:
                     raise ConfigurationError(problem)
-        if self._record_sections is not None and self.is_world_process_zero():  # a recipe run: its folder's record
-            from .summary import write_json_atomic
+        if self._sections is not None and is_main_process:  # a recipe run: its folder's record
+            from ..summary import write_json_atomic
 
             os.makedirs(self.args.output_dir, exist_ok=True)
-            write_json_atomic(os.path.join(self.args.output_dir, RUN_CONFIG_FILE), self.run_record())
-
-    def _planned_max_steps(self) -> tuple[int, Optional[float]]:
-        """The optimizer steps this run trains to, and the epochs they come from (``None`` for ``--max_steps``):
-        computed from the training DataLoader as ``Trainer.train`` computes them."""
-        if self.args.max_steps > 0:
-            return self.args.max_steps, None
-        max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
-        return max_steps, self.args.num_train_epochs
-
-    def _checkpoint_extras(self) -> dict:
-        return {**super()._checkpoint_extras(), RUN_CONFIG_FILE: self.run_record()}
+            write_json_atomic(os.path.join(self.args.output_dir, RUN_CONFIG_FILE), self.state_dict())

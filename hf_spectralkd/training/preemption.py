@@ -102,3 +102,20 @@ def ignore_stop_signals_in_workers(loader: torch.utils.data.DataLoader) -> torch
     if target.num_workers > 0 and not isinstance(target.worker_init_fn, IgnoreStopSignals):
         target.worker_init_fn = IgnoreStopSignals(target.worker_init_fn)
     return loader
+
+
+def take_sigterm_from_jit_checkpoint(callback_handler) -> PreemptionWatch:
+    """Take SIGTERM from transformers' JIT checkpoint (it saves inside a step; see the module docstring).
+
+    ``Trainer.__init__`` installed its handler already, for the trainer's lifetime: remove its callback and give
+    the signal its previous handler back. The returned watch is installed only while the trainer trains.
+    """
+    from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+    for callback in list(callback_handler.callbacks):
+        if isinstance(callback, JITCheckpointCallback):
+            callback_handler.remove_callback(callback)
+            manager = callback.jit_manager
+            if manager is not None and manager._original_sigterm_handler is not None:
+                signal.signal(signal.SIGTERM, manager._original_sigterm_handler)
+    return PreemptionWatch()
