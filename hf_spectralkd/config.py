@@ -8,16 +8,14 @@ soft KD, FFT feature loss.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
 from transformers import TrainingArguments
 
 from .errors import ConfigurationError
+from .losses import DistillationType, FeatureLoss
 
-DistillationType = Literal["soft", "hard", "none"]
-FeatureLoss = Literal["fft", "mse"]
 LrSchedule = Literal["trainer", "deit"]
 LayerMapMode = Literal["manual", "auto"]
 
@@ -304,11 +302,6 @@ class SpectralDistillationConfig(TrainingArguments):
                     f"{n_student} student layers {self.student_layers} and {n_teacher} teacher layers "
                     f"{self.teacher_layers}"
                 )
-        if self.hub_token:
-            # Keep the token out of everything that serialises these arguments (training_args.bin,
-            # run_config.json, logs): huggingface_hub reads it from the environment instead.
-            os.environ["HF_TOKEN"] = self.hub_token
-            self.hub_token = None
         try:
             super().__post_init__()
         except ConfigurationError:

@@ -10,6 +10,7 @@ model (a pretrained student's initialisation), the teacher and a ``model-index``
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -110,6 +111,17 @@ def write_model_card(
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".checkpoint-staging/**", "runs/**", "_*", "*.tmp", ".hf_spectralkd.lock",
                "run_config.json"]
 STUDENT_FILES = ("config.json", "model.safetensors")
+
+
+def move_token_to_environment(args) -> None:
+    """Move ``args.hub_token`` into ``HF_TOKEN``, where huggingface_hub reads it, and clear it from ``args``.
+
+    The arguments are serialised into every checkpoint (``training_args.bin``), ``run_config.json`` and the logs,
+    and pushed with the model; the environment is not. Done once, by the trainer that owns the run.
+    """
+    if getattr(args, "hub_token", None):
+        os.environ["HF_TOKEN"] = args.hub_token
+        args.hub_token = None
 
 
 def hf_api():

@@ -33,7 +33,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-FeatureLossKind = Literal["fft", "mse"]
+FeatureLoss = Literal["fft", "mse"]
 DistillationType = Literal["soft", "hard", "none"]
 SpectralImplementation = Literal["closed_form", "rfft2"]
 
@@ -193,7 +193,7 @@ def mse_alignment_loss(student_features: Sequence[torch.Tensor], teacher_feature
 def feature_alignment_loss(
     student_features: Sequence[torch.Tensor],
     teacher_features: Sequence[torch.Tensor],
-    kind: FeatureLossKind = "fft",
+    kind: FeatureLoss = "fft",
 ) -> torch.Tensor:
     """Dispatch to :func:`spectral_alignment_loss` (``"fft"``) or :func:`mse_alignment_loss` (``"mse"``)."""
     if kind == "fft":
@@ -258,7 +258,7 @@ def distillation_objective(
     beta: float = 0.2,
     temperature: float = 1.0,
     distillation_type: DistillationType = "soft",
-    feature_loss: FeatureLossKind = "fft",
+    feature_loss: FeatureLoss = "fft",
     label_smoothing: float = 0.1,
 ) -> LossComponents:
     """The SpectralKD objective ``(1-α)·CE_ε + α·KD + β·L_feat`` and its components.

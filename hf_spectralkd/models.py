@@ -28,22 +28,18 @@ from transformers import (
 )
 
 from .errors import ConfigurationError
-from .integrity import COPY_AGAIN, damaged, first_line, loading_problems, model_folder_problems, read_json
+from .integrity import COPY_AGAIN, WEIGHT_FILES, damaged, first_line, loading_problems, model_folder_problems, read_json
 from .labels import match_head_to_labels
-from .students.presets import deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
+from .students.presets import deit_geometry, deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _deit(hidden: int, heads: int) -> Callable[[], PretrainedConfig]:
     # ViT with layer_norm_eps=1e-6 is timm's DeiT: 197 tokens, and timm's deit_tiny_patch16_224 weights
     # map onto it 1:1 with equal logits (HF's DeiT class adds a distillation token: 198).
-    return lambda: ViTConfig(
-        image_size=224, patch_size=16, hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads,
-        intermediate_size=4 * hidden, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    return lambda: ViTConfig(**deit_geometry(hidden, heads))
 
 
 def _swin(embed_dim: int, depths: list[int], heads: list[int]) -> Callable[[], PretrainedConfig]:
@@ -104,7 +100,7 @@ def _is_local(path: str) -> bool:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any((folder / name).exists() for name in _WEIGHT_FILES)
+    return any((folder / name).exists() for name in WEIGHT_FILES)
 
 
 def _label_kwargs(id2label: Optional[dict[int, str]]) -> dict[str, Any]:

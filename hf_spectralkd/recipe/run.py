@@ -62,7 +62,7 @@ def run(argv: list[str]) -> int:
     check_writable(args.output_dir)  # before data is cached there; the rest of the folder check is the trainer's
     set_seed(args.seed)
     ensure_deepspeed_distributed(args)
-    token = os.environ.get("HF_TOKEN") or None  # --hub_token was moved there by the entry point; never logged
+    token = args.hub_token or os.environ.get("HF_TOKEN") or None  # the trainer moves --hub_token to HF_TOKEN; never logged
 
     # Data (an evaluation opens only its split) and the student, whose own preprocessing fills the unset options.
     raw = open_image_datasets(data_args, args.seed, token, train=args.do_train)

@@ -31,10 +31,13 @@ from .configuration_spectralkd_students import LiftViTConfig, WideLastViTConfig
 
 logger = logging.getLogger(__name__)
 
-_DEIT_TINY = dict(
-    image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-    layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
+def deit_geometry(hidden: int, heads: int) -> dict:
+    """timm's DeiT at 224 px as ViT config fields: 16-pixel patches, 12 blocks, MLP ratio 4, eps 1e-6, no dropout."""
+    return dict(image_size=224, patch_size=16, hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads,
+                intermediate_size=4 * hidden, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+_DEIT_TINY = deit_geometry(192, 3)
 
 
 def deit_tiny_lift(lift_size: int) -> Callable[[], PretrainedConfig]:

@@ -5,8 +5,7 @@ is a frozen, eval-mode attribute (:mod:`.teacher_setup`). Per step: one teacher 
 ``no_grad`` on the same augmented batch, re-normalised and resized for the teacher when it expects
 other inputs, its logits put in the student's class order; one student forward; each asked only for
 the tapped hidden states; then :func:`~hf_spectralkd.losses.distillation_objective`. Its three raw
-components are logged as ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over the
-logging window and over processes.
+components are logged as ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over window and processes.
 
 The trainer owns the run's decisions (teacher, input adapter, label order, layer map, run record,
 output folder lock, resume point) and delegates each Trainer override in a few lines to a part it owns:
@@ -31,6 +30,7 @@ from ..config import SpectralDistillationConfig
 from ..data import ENCODED_IMAGES, DatasetEpochCallback, ImageClassificationCollator, first_images, pixel_batch
 from ..errors import ConfigurationError
 from ..features import extract_features, feature_forward_kwargs
+from ..hub import move_token_to_environment
 from ..layer_map import LayerPair, resolve_layer_map
 from ..losses import distillation_objective
 from ..metrics import topk_accuracy, topk_indices
@@ -88,10 +88,10 @@ class SpectralDistillationTrainer(Trainer):
                  layer_map: Optional[list[LayerPair]] = None, summary: Optional[RunSummary] = None,
                  student_inputs: Optional[InputSpec] = None, teacher_inputs: Optional[InputSpec] = None,
                  **kwargs: Any) -> None:
-        if args is None:
-            args = SpectralDistillationConfig(output_dir="spectralkd_output")
+        args = SpectralDistillationConfig(output_dir="spectralkd_output") if args is None else args
         if not isinstance(args, SpectralDistillationConfig):
             raise TypeError(f"args must be a SpectralDistillationConfig, got {type(args).__name__}")
+        move_token_to_environment(args)
         if model is None:
             raise ConfigurationError("model: the student model is required")
         student_info = load_model(model, argument="model", trust_remote_code=args.trust_remote_code) \
