@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_spectralkd recipes tests bench
 
 ablation: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/hf-spectralkd ablate demo --output-dir outputs/ablation
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd ablate demo --output_dir outputs/ablation
 
 dynamics: $(STAMP)
 	$(OFFLINE) $(PY) recipes/run_dynamics.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from transformers import ViTImageProcessor
 
 from hf_spectralkd.cli import build_parser, main
+from hf_spectralkd.cli.ablate import build_parser as build_ablate_parser
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,8 @@ def assert_valid_png(path: Path) -> None:
 
 def test_analyze_writes_profile_and_plots(model_dirs, image_folder, tmp_path, capsys):
     out = tmp_path / "teacher_analysis"
-    code = main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "8",
-                 "--batch-size", "3", "--output-dir", str(out), "--with-gradients"])
+    code = main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num_images", "8",
+                 "--batch_size", "3", "--output_dir", str(out), "--with_gradients"])
     assert code == 0
     report = json.loads((out / "profile.json").read_text())
     assert report["images_used"] == 8 and report["layers"] == [0, 1, 2, 3]
@@ -60,7 +62,10 @@ def test_analyze_writes_profile_and_plots(model_dirs, image_folder, tmp_path, ca
     assert [Path(i).parent.name for i in report["image_ids"][:3]] == ["class_0", "class_1", "class_2"]
     for name in ("intensity.png", "intensity_histogram.png", "spectrum_grid.png", "svd_energy.png"):
         assert_valid_png(out / name)
-    assert "analysed 8 images" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "analysed 8 images" in printed.out
+    # progress bars (stderr): the images read, the measures' pass and the entropy's pass
+    assert all(bar in printed.err for bar in ("reading images", "spectral profile", "entropy"))
 
 
 def test_analyze_shares_forward_passes_and_matches_the_library_functions(model_dirs, image_folder, tmp_path, monkeypatch):
@@ -86,8 +91,8 @@ def test_analyze_shares_forward_passes_and_matches_the_library_functions(model_d
 
     monkeypatch.setattr(analyze_cli, "load_model", load_and_watch)
     out = tmp_path / "shared"
-    assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "8",
-                 "--batch-size", "3", "--output-dir", str(out), "--with-gradients"]) == 0
+    assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num_images", "8",
+                 "--batch_size", "3", "--output_dir", str(out), "--with_gradients"]) == 0
     assert len(seen_batches) == 2 * 3  # 3 batches: forward+backward pass, entropy pass
     report = json.loads((out / "profile.json").read_text())
 
@@ -107,10 +112,10 @@ def test_analyze_shares_forward_passes_and_matches_the_library_functions(model_d
 
 def test_analyze_compare_overlays_two_models(model_dirs, image_folder, tmp_path, capsys):
     teacher_out, student_out = tmp_path / "t", tmp_path / "s"
-    assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num-images", "6",
-                 "--output-dir", str(teacher_out)]) == 0
-    assert main(["analyze", "--model", str(model_dirs / "student"), "--dataset", str(image_folder), "--num-images", "6",
-                 "--output-dir", str(student_out), "--compare", str(teacher_out / "profile.json")]) == 0
+    assert main(["analyze", "--model", str(model_dirs / "teacher"), "--dataset", str(image_folder), "--num_images", "6",
+                 "--output_dir", str(teacher_out)]) == 0
+    assert main(["analyze", "--model", str(model_dirs / "student"), "--dataset", str(image_folder), "--num_images", "6",
+                 "--output_dir", str(student_out), "--compare", str(teacher_out / "profile.json")]) == 0
     report = json.loads((student_out / "profile.json").read_text())
     assert -1.0 <= report["comparison"]["pearson"] <= 1.0 and len(report["comparison"]["per_layer_distance"]) == 3
     assert_valid_png(student_out / "comparison.png")
@@ -122,7 +127,7 @@ def test_analyze_compare_overlays_two_models(model_dirs, image_folder, tmp_path,
 def test_analyze_reads_a_dataset_split(model_dirs, imagefolder, tmp_path):
     out = tmp_path / "ds"
     assert main(["analyze", "--model", str(model_dirs / "student"), "--dataset", imagefolder, "--split", "validation",
-                 "--num-images", "5", "--output-dir", str(out)]) == 0
+                 "--num_images", "5", "--output_dir", str(out)]) == 0
     report = json.loads((out / "profile.json").read_text())
     assert report["images_used"] == 5 and report["image_ids"][0].startswith("validation[")
 
@@ -131,7 +136,7 @@ def test_select_layers_prints_a_map_run_distill_accepts(tmp_path, capsys, model_
     profile = {"layers": list(range(24)), "intensity": [3.0, 2.4] + [1.0] * 16 + [2.0, 2.2, 2.4, 2.6, 2.9, 3.2],
                "spectrum": [[1.0]] * 24, "num_images": 32, "family": "timm_wrapper"}
     (tmp_path / "teacher.json").write_text(json.dumps(profile))
-    assert main(["select-layers", "--teacher-profile", str(tmp_path / "teacher.json"), "--student", "deit_tiny_patch16_224"]) == 0
+    assert main(["select-layers", "--teacher_profile", str(tmp_path / "teacher.json"), "--student", "deit_tiny_patch16_224"]) == 0
     printed = capsys.readouterr().out
     yaml_lines = [line for line in printed.splitlines() if not line.startswith("#")]
     (tmp_path / "map.yaml").write_text("\n".join(yaml_lines) + "\nstudent: deit_tiny_patch16_224\n")
@@ -139,7 +144,7 @@ def test_select_layers_prints_a_map_run_distill_accepts(tmp_path, capsys, model_
     assert args.student_layers == [0, 1, 6, 7, 8, 9, 10, 11] and args.teacher_layers == [0, 1, 18, 19, 20, 21, 22, 23]
     # from the teacher itself, on images
     assert main(["select-layers", "--teacher", str(model_dirs / "teacher"), "--dataset", str(image_folder),
-                 "--num-images", "4", "--student-depth", "3"]) == 0
+                 "--num_images", "4", "--student_depth", "3"]) == 0
     assert "teacher_layers: [" in capsys.readouterr().out
 
 
@@ -157,7 +162,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, image_folder):
     assert main(["analyze", "--model", str(tmp_path / "missing"), "--dataset", str(image_folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model: cannot load") and err.count("\n") == 1
-    assert main(["push", str(tmp_path), "--repo-id", "me/x"]) == 2
+    assert main(["push", str(tmp_path), "--repo_id", "me/x"]) == 2
     assert "is not a finished run" in capsys.readouterr().err
 
 
@@ -170,7 +175,7 @@ def test_ablate_trains_each_row_over_seeds_and_writes_a_table(saved_models, imag
         "use_cpu: true\ndisable_tqdm: true\noutput_dir: unused\n"
     )
     out = tmp_path / "ablation"
-    assert main(["ablate", str(config), "--seeds", "0", "1", "--rows", "no KD", "SpectralKD", "--output-dir", str(out),
+    assert main(["ablate", str(config), "--seeds", "0", "1", "--rows", "no KD", "SpectralKD", "--output_dir", str(out),
                  "--learning_rate", "1e-3"]) == 0
     report = json.loads((out / "ablation.json").read_text())
     assert [r["row"] for r in report["rows"]] == ["no KD", "SpectralKD"] and report["extra_options"] == ["--learning_rate", "1e-3"]
@@ -181,3 +186,65 @@ def test_ablate_trains_each_row_over_seeds_and_writes_a_table(saved_models, imag
     no_kd = json.loads((out / "no_kd" / "seed1" / "results.json").read_text())
     assert (no_kd["distillation_type"], no_kd["beta"], no_kd["teacher"]) == ("none", 0.0, None)
     assert (out / "ablation.png").exists() and "| SpectralKD |" in (out / "ablation.md").read_text()
+
+
+def _subcommand_parsers() -> dict:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    # distill and ablate parse their own options (dispatched before this parser); ablate's parser is its own
+    return {**{n: p for n, p in subparsers.choices.items() if n not in ("distill", "ablate")}, "ablate": build_ablate_parser()}
+
+
+def test_every_subcommand_spells_its_options_in_snake_case(capsys):
+    """One option style: each subcommand's --help names its long options as distill does (--output_dir)."""
+    for name, sub in _subcommand_parsers().items():
+        help_text = sub.format_help()
+        long_options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", help_text))
+        assert long_options, name
+        assert not {o for o in long_options if "-" in o[2:]}, f"{name} --help shows kebab-case options"
+    assert "--num_images" in _subcommand_parsers()["analyze"].format_help()
+    # distill (HF's argument parser) lists the snake_case spelling of every option first
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "--help"])
+    assert stop.value.code == 0
+    option_lines = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    assert len(option_lines) > 100 and all("-" not in option[2:] for option in option_lines)
+
+
+def test_a_kebab_case_option_still_works_and_warns_once(tmp_path, capsys, caplog):
+    profile = {"layers": list(range(24)), "intensity": [3.0, 2.4] + [1.0] * 16 + [2.0, 2.2, 2.4, 2.6, 2.9, 3.2],
+               "spectrum": [[1.0]] * 24, "num_images": 32, "family": "timm_wrapper"}
+    (tmp_path / "teacher.json").write_text(json.dumps(profile))
+    printed = {}
+    for style, argv in (("snake", ["--teacher_profile", str(tmp_path / "teacher.json"), "--student_depth", "12"]),
+                        ("kebab", ["--teacher-profile", str(tmp_path / "teacher.json"), "--student-depth=12", "--student-depth", "12"])):
+        caplog.clear()
+        assert main(["select-layers", *argv]) == 0
+        printed[style] = capsys.readouterr().out
+        warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+        if style == "snake":
+            assert warnings == []
+        else:  # one warning for the command, naming each old spelling once and its new one
+            assert len(warnings) == 1, warnings
+            assert warnings[0] == ("option spelling --teacher-profile, --student-depth is deprecated and will be removed "
+                                   "in the next release: use --teacher_profile, --student_depth")
+    assert printed["kebab"] == printed["snake"] and "teacher_layers: [" in printed["snake"]
+    # ablate: its own options are rewritten, the recipe options it passes on are left alone
+    caplog.clear()
+    options, extra = build_ablate_parser().parse_known_args(["demo", "--output-dir", "x", "--learning_rate", "1e-3",
+                                                             "--max-steps", "2"])
+    assert options.output_dir == "x" and extra == ["--learning_rate", "1e-3", "--max-steps", "2"]
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "option spelling --output-dir is deprecated and will be removed in the next release: use --output_dir"]
+
+
+def test_top_level_help_lists_every_subcommand_with_a_one_line_purpose(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in ("distill", "ablate", "configs", "analyze", "select-layers", "compare", "push", "verify"):
+        entry = [line for line in lines if line.split()[:1] == [name]]
+        assert len(entry) == 1, name
+        purpose = entry[0].split(None, 1)[1:]  # the purpose is on the name's own line
+        assert purpose and len(purpose[0]) > 30 and purpose[0][0].isupper(), entry

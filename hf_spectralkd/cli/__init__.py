@@ -1,17 +1,18 @@
-"""The ``hf-spectralkd`` command: distil, analyse models, choose layers, push finished runs.
+"""The ``hf-spectralkd`` command: distil, analyse models, choose layers, check and push finished runs.
 
-    hf-spectralkd distill CONFIG.yaml [--option value ...]     (the recipe; --help lists its options)
-    hf-spectralkd ablate CONFIG.yaml [--seeds 0 1 2]           (no KD / soft KD / SpectralKD / feature MSE)
+    hf-spectralkd distill CONFIG [--option value ...]          (the recipe; --help lists its options)
+    hf-spectralkd ablate CONFIG [--seeds 0 1 2] [--output_dir DIR]   (no KD / soft KD / SpectralKD / feature MSE)
     hf-spectralkd configs                                      (the shipped configs and their paper targets)
-
-A CONFIG is a file or the name of a shipped config: ``hf-spectralkd distill deit_tiny_from_cait_s24``.
-    hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num-images 64] [--output-dir DIR]
+    hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num_images 64] [--output_dir DIR]
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
-    hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME [--private]
+    hf-spectralkd push OUTPUT_DIR --repo_id USER/NAME [--private]
     hf-spectralkd verify OUTPUT_DIR     (exit 0: the newest checkpoint and the final student load; 1: one is damaged)
-"""
 
+A CONFIG is a YAML file or the name of a shipped config: ``hf-spectralkd distill deit_tiny_from_cait_s24``.
+Every subcommand spells its options in snake_case, as ``distill`` does (``--output_dir``); the
+kebab-case spellings of earlier versions (``--output-dir``) still work this release, with a warning.
+"""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigurationError
 from .common import exit_on_error
+from .parsing import CommandParser, OneLineHelpFormatter
 
 
 def _select_layers(options) -> int:
@@ -33,12 +35,12 @@ def _select_layers(options) -> int:
 
     teacher_grids = None
     if options.teacher_profile:
-        profile = SpectralProfile.load(options.teacher_profile, argument="teacher-profile")
+        profile = SpectralProfile.load(options.teacher_profile, argument="teacher_profile")
     else:
         if not options.teacher or not options.dataset:
-            raise ConfigurationError("select-layers: give --teacher and --dataset, or --teacher-profile PROFILE.json")
+            raise ConfigurationError("select-layers: give --teacher and --dataset, or --teacher_profile PROFILE.json")
         if options.batch_size <= 0:
-            raise ConfigurationError(f"batch-size: must be positive, got {options.batch_size}")
+            raise ConfigurationError(f"batch_size: must be positive, got {options.batch_size}")
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = load_model(options.teacher, argument="teacher", revision=options.revision, trust_remote_code=options.trust_remote_code)
         teacher_grids = describe_taps(loaded.model).grids
@@ -54,7 +56,7 @@ def _select_layers(options) -> int:
         student_taps = describe_taps(load_model(options.student, argument="student", from_scratch=True).model)
         student_depth, student_grids = student_taps.num_layers, student_taps.grids
     else:
-        raise ConfigurationError("select-layers: give --student (model or architecture) or --student-depth N")
+        raise ConfigurationError("select-layers: give --student (model or architecture) or --student_depth N")
     # A run accepts pairs on equal token grids only: checked when both models are known.
     selection = select_layers(profile, student_depth, k=options.k, student_grids=student_grids, teacher_grids=teacher_grids)
     if student_grids is None or teacher_grids is None:
@@ -117,6 +119,8 @@ def _verify(options) -> int:
     """
     from pathlib import Path
 
+    from tqdm.auto import tqdm
+
     from ..checkpointing import MANIFEST_FILE, checkpoint_folders, is_checkpoint_folder, verify_checkpoint
     from ..integrity import CONFIG_FILE, has_weights, saved_model_problems
 
@@ -129,8 +133,9 @@ def _verify(options) -> int:
     has_student = folder not in checkpoints and ((folder / CONFIG_FILE).exists() or has_weights(folder))
     if not checkpoints and not has_student:
         raise ConfigurationError(f"output_dir: '{folder}' holds no checkpoint-* folder and no saved student")
+    # Hashing is about 1 GB/s (bench/README.md): a run of many large checkpoints takes a while, hence the bar (stderr).
     rows = [(c.name, verify_checkpoint(c), "" if (c / MANIFEST_FILE).exists() else " (no checksum manifest: structure only)")
-            for c in checkpoints]
+            for c in tqdm(checkpoints, desc="verifying checkpoints", unit="checkpoint", leave=False)]
     if has_student:
         rows.append(("final student", saved_model_problems(folder), ""))
     width = max(len(name) for name, _, _ in rows)
@@ -147,77 +152,68 @@ def _version() -> str:
     return __version__
 
 
-class _CommandParser(argparse.ArgumentParser):
-    """Options are spelt with dashes (``--image-column``); the recipe's spelling (``--image_column``), which the
-    messages of the shared data layer name, is accepted as well (the recipe itself takes both)."""
-
-    def add_argument(self, *names: str, **kwargs):
-        aliases = ["--" + name[2:].replace("-", "_") for name in names if name.startswith("--") and "-" in name[2:]]
-        return super().add_argument(*names, *aliases, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import analyze
 
-    parser = _CommandParser(prog="hf-spectralkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="hf-spectralkd", description=__doc__, formatter_class=OneLineHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
     parser.add_argument("--version", action="version", version=f"hf-spectralkd {_version()}",
                         help="Print the version and exit.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     distill = commands.add_parser(
-        "distill", help="Distil a student (the training recipe): hf-spectralkd distill CONFIG.yaml [--option value ...].",
+        "distill", help="Distil a student with SpectralKD: the training recipe (`hf-spectralkd distill --help` lists its options).",
         add_help=False,
     )
     ablate = commands.add_parser(
-        "ablate", help="Train a config's student as no KD / soft KD / SpectralKD / feature MSE over seeds; a table and a plot.",
+        "ablate", help="Train a config's student as no KD / soft KD / SpectralKD / feature MSE over seeds: a table and a plot.",
         add_help=False,
     )
     ablate.add_argument("ablate_arguments", nargs=argparse.REMAINDER, help="See `hf-spectralkd ablate --help`.")
     distill.add_argument("recipe_arguments", nargs=argparse.REMAINDER, help="A config file and options (see `hf-spectralkd distill --help`).")
 
-    analyze_parser = commands.add_parser("analyze", help="Spectral profile, entropy, magnitudes, SVD rank and SEP of a model, with plots.")
+    analyze_parser = commands.add_parser("analyze", help="Measure a model's spectral profile, entropy, magnitudes, SVD rank and SEP on some images, with plots.")
     analyze.add_arguments(analyze_parser)
     analyze_parser.set_defaults(handler=analyze.run)
 
-    select = commands.add_parser("select-layers", help="Propose a layer map from the teacher's spectral profile.")
+    select = commands.add_parser("select-layers", help="Propose a layer map (student ↔ teacher blocks) from the teacher's spectral profile.")
     select.add_argument("--teacher", help="Teacher: Hub id or local folder.")
-    select.add_argument("--teacher-profile", help="Use this profile.json (from `analyze`) instead of running the teacher.")
+    select.add_argument("--teacher_profile", help="Use this profile.json (from `analyze`) instead of running the teacher.")
     select.add_argument("--student", help="Student (model, config.json or architecture name) whose depth the map targets.")
-    select.add_argument("--student-depth", type=int, default=None, help="Number of student blocks (Swin: stages), instead of --student.")
+    select.add_argument("--student_depth", type=int, default=None, help="Number of student blocks (Swin: stages), instead of --student.")
     select.add_argument("--dataset", help="Images to profile the teacher on (folder or dataset).")
     select.add_argument("--split", default="validation", help="Dataset split. Default: validation.")
-    select.add_argument("--num-images", type=int, default=32, help="Images to profile the teacher on. Default: 32.")
-    select.add_argument("--batch-size", type=int, default=32, help="Images per forward pass. Default: 32.")
-    select.add_argument("--image-column", default="image", help="Image column of a dataset. Default: image.")
-    select.add_argument("--label-column", default="label", help="Label column of a dataset. Default: label.")
+    select.add_argument("--num_images", type=int, default=32, help="Images to profile the teacher on. Default: 32.")
+    select.add_argument("--batch_size", type=int, default=32, help="Images per forward pass. Default: 32.")
+    select.add_argument("--image_column", default="image", help="Image column of a dataset. Default: image.")
+    select.add_argument("--label_column", default="label", help="Label column of a dataset. Default: label.")
     select.add_argument("--streaming", action="store_true",
                         help="Stream a local dataset too (Hub datasets are always streamed: only the images used are read).")
     select.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     select.add_argument("--k", type=int, default=None, help="At most this many pairs (default: the student's depth).")
     select.add_argument("--revision", default=None, help="Teacher revision on the Hub.")
-    select.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the Hub to run.")
+    select.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the Hub to run.")
     select.set_defaults(handler=_select_layers)
 
     configs = commands.add_parser("configs", help="List the shipped recipe configs with their paper targets.")
     configs.set_defaults(handler=_configs)
 
-    compare = commands.add_parser("compare", help="How closely a student's spectral profile follows its teacher's.")
+    compare = commands.add_parser("compare", help="Measure how closely a student's spectral profile follows its teacher's (two profile.json files).")
     compare.add_argument("student_profile", help="The student's profile.json.")
     compare.add_argument("teacher_profile", help="The teacher's profile.json.")
     compare.add_argument("--plot", default=None, help="Also write an overlay plot to this PNG path.")
     compare.set_defaults(handler=_compare)
 
-    push = commands.add_parser("push", help="Push a finished run (student, processor, card, plots) to the Hub without retraining.")
+    push = commands.add_parser("push", help="Push a finished run (student, image processor, model card, plots) to the Hub without retraining.")
     push.add_argument("output_dir", help="The run folder that run_distill.py wrote the final student to.")
-    push.add_argument("--repo-id", required=True, help="Target repository, e.g. your-name/deit-tiny-spectralkd.")
+    push.add_argument("--repo_id", required=True, help="Target repository, e.g. your-name/deit-tiny-spectralkd.")
     push.add_argument("--private", action="store_true", help="Create the repository as private.")
     push.add_argument("--revision", default=None, help="Branch to push to.")
-    push.add_argument("--commit-message", default="Upload SpectralKD-distilled student", help="Commit message.")
+    push.add_argument("--commit_message", default="Upload SpectralKD-distilled student", help="Commit message.")
     push.set_defaults(handler=_push)
 
     verify = commands.add_parser(
-        "verify", help="Check a run's checkpoints (checksum manifest, weights, optimizer states) and its final student.",
+        "verify", help="Check a run's checkpoints (checksums, weights, optimizer states) and its final student before resuming.",
         description="Exit code 0 when the newest checkpoint and the final student (if any) verify, 1 otherwise.",
     )
     verify.add_argument("output_dir", help="The run folder (--output_dir of the recipe).")

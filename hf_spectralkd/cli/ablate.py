@@ -16,7 +16,7 @@ feature MSE only    ``--alpha 0 --feature_loss mse`` (spatial feature-map KD, no
 Nothing is tuned per row: every option but the row's own change comes from the config and the
 options given after it (which apply to every run).
 
-    hf-spectralkd ablate demo [--seeds 0 1 2] [--output-dir outputs/ablation] [--option value ...]
+    hf-spectralkd ablate demo [--seeds 0 1 2] [--output_dir outputs/ablation] [--option value ...]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConfigurationError
+from .parsing import CommandParser
 
 ROWS: dict[str, list[str]] = {
     "no KD": ["--distillation_type", "none", "--beta", "0"],
@@ -39,20 +40,23 @@ ROWS: dict[str, list[str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-spectralkd ablate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="hf-spectralkd ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="A recipe config (path or shipped name) whose student the rows train.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of every row. Default: 0 1 2.")
-    parser.add_argument("--output-dir", default="outputs/ablation", help="Runs, table and plot go here.")
+    parser.add_argument("--output_dir", default="outputs/ablation", help="Runs, table and plot go here.")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="Rows to train. Default: all.")
     return parser
 
 
 def run_rows(config: str, seeds: Sequence[int], output_dir: Path, rows: Sequence[str], extra: Sequence[str]) -> dict:
     """Train every (row, seed) with the recipe in this process; returns the per-run results."""
+    from tqdm.auto import tqdm
+
     from .distill import main as distill
 
     runs: dict[str, list[dict]] = {}
+    # The runs' own Trainer bars show each run's steps; this one counts the runs (rows × seeds).
+    bar = tqdm(total=len(rows) * len(seeds), desc="ablation runs", unit="run")
     for row in rows:
         for seed in seeds:
             folder = output_dir / row.lower().replace(" ", "_") / f"seed{seed}"
@@ -65,7 +69,9 @@ def run_rows(config: str, seeds: Sequence[int], output_dir: Path, rows: Sequence
             results = json.loads((folder / "results.json").read_text())
             runs.setdefault(row, []).append({"seed": seed, "top1": results["student_accuracy"],
                                               "wall_time_s": round(time.time() - started, 1), "folder": str(folder)})
-            print(f"{row:<18} seed {seed}: top-1 {100 * results['student_accuracy']:.2f} %", flush=True)
+            bar.write(f"{row:<18} seed {seed}: top-1 {100 * results['student_accuracy']:.2f} %")
+            bar.update()
+    bar.close()
     return runs
 
 

@@ -43,23 +43,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dataset", required=True,
                         help="Images: a folder of image files (any nesting), a local imagefolder/parquet dataset or a Hub dataset id.")
     parser.add_argument("--split", default="validation", help="Dataset split to read (ignored for a plain folder). Default: validation.")
-    parser.add_argument("--num-images", type=int, default=64, help="Number of images to analyse. Default: 64.")
-    parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass. Default: 32.")
+    parser.add_argument("--num_images", type=int, default=64, help="Number of images to analyse. Default: 64.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass. Default: 32.")
     parser.add_argument("--sample", choices=["balanced", "first"], default="balanced",
                         help="'balanced' takes classes (or sub-folders) round-robin; 'first' the first images in sorted "
                              "order (the reference setting: first 32 ImageNet-val images). Default: balanced.")
-    parser.add_argument("--image-column", default="image", help="Image column of a dataset. Default: image.")
-    parser.add_argument("--label-column", default="label", help="Label column of a dataset. Default: label.")
+    parser.add_argument("--image_column", default="image", help="Image column of a dataset. Default: image.")
+    parser.add_argument("--label_column", default="label", help="Label column of a dataset. Default: label.")
     parser.add_argument("--streaming", action="store_true",
                         help="Stream a local dataset too (Hub datasets are always streamed: only the images used are read).")
-    parser.add_argument("--output-dir", default="spectral_analysis", help="Where profile.json and the plots go. Default: spectral_analysis.")
+    parser.add_argument("--output_dir", default="spectral_analysis", help="Where profile.json and the plots go. Default: spectral_analysis.")
     parser.add_argument("--compare", default=None, metavar="OTHER_PROFILE.json",
                         help="Another model's profile.json (e.g. the teacher's) to overlay and compare with.")
     parser.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
-    parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the Hub to run (off by default).")
-    parser.add_argument("--no-divide-by-channels", action="store_true",
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the Hub to run (off by default).")
+    parser.add_argument("--no_divide_by_channels", action="store_true",
                         help="Do not scale the channel FFT by 1/C (the reference code scales; the paper's equations do not).")
-    parser.add_argument("--with-gradients", action="store_true",
+    parser.add_argument("--with_gradients", action="store_true",
                         help="Also measure gradient magnitudes (one backward pass per batch).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 
@@ -96,7 +96,7 @@ def _one_pass_measures(model, batches: list[torch.Tensor], options):
 
 def run(options) -> int:
     if options.batch_size <= 0:
-        raise ConfigurationError(f"batch-size: must be positive, got {options.batch_size}")
+        raise ConfigurationError(f"batch_size: must be positive, got {options.batch_size}")
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_model(options.model, argument="model", revision=options.revision, trust_remote_code=options.trust_remote_code)
     model = loaded.model.to(device).eval()
@@ -108,7 +108,8 @@ def run(options) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     profile, activation_matrix, gradient_matrix, tokens, value_range = _one_pass_measures(model, batches, options)
-    entropy = entropy_profile(model, batches, profile.layers, value_range=value_range)
+    # The entropy's own forward pass over the same batches (its histograms need the range found above).
+    entropy = entropy_profile(model, tqdm(batches, desc="entropy", unit="batch"), profile.layers, value_range=value_range)
     energy_curves = svd_energy_curves(tokens)  # one SVD per image, for the ranks and the plot
     per_image_ranks = energy_ranks(energy_curves)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from itertools import islice
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import DataArguments, decode_image
 from ..data.splits import open_split
@@ -49,17 +50,7 @@ def images_from_folder(root: Path, num_images: int, sample: str) -> tuple[list[I
         groups = [str(f.parent.relative_to(root)) for f in files]
         names = sorted(set(groups))
         files = [files[i] for i in balanced_order([names.index(g) for g in groups])]
-    images, used = [], []
-    for file in files:
-        image = decode_image(str(file))
-        if image is None:
-            logger.warning("skipping undecodable image %s", file)
-            continue
-        images.append(image)
-        used.append(str(file.relative_to(root)))
-        if len(images) == num_images:
-            break
-    return images, used
+    return decode_first(((str(file.relative_to(root)), str(file)) for file in files), num_images, f"in {root}")
 
 
 #: With --sample balanced on a stream, the labels of this many rows per wanted image are looked at.
@@ -78,22 +69,34 @@ def images_from_dataset(args: DataArguments, split: str, num_images: int, sample
         if sample == "first":
             candidates = ((index, row[args.image_column]) for index, row in enumerate(raw))
         else:
-            rows = list(islice(raw, num_images * BALANCED_LOOKAHEAD))
+            wanted = num_images * BALANCED_LOOKAHEAD
+            rows = list(tqdm(islice(raw, wanted), total=wanted, desc="reading labels", unit="record", leave=False))
             order = balanced_order([row[args.label_column] for row in rows])
             candidates = ((index, rows[index][args.image_column]) for index in order)
     else:
         order = balanced_order(raw[args.label_column]) if sample == "balanced" else range(len(raw))
         candidates = ((index, raw[index][args.image_column]) for index in list(order)[: num_images * 2])
+    return decode_first(((f"{split}[{index}]", value) for index, value in candidates), num_images, f"of {args.dataset}")
+
+
+def decode_first(candidates: Iterable[tuple[str, Any]], num_images: int, where: str) -> tuple[list[Image.Image], list[str]]:
+    """The first ``num_images`` candidates ``(identifier, path or image value)`` that decode, and their identifiers.
+
+    Undecodable ones are skipped with a warning. A progress bar counts the decoded images: a streamed Hub
+    dataset is read (and a balanced sample decoded) record by record, which can take minutes.
+    """
     images, used = [], []
-    for index, value in candidates:
-        image = decode_image(value)
-        if image is None:
-            logger.warning("skipping undecodable image %s[%d]", split, index)
-            continue
-        images.append(image)
-        used.append(f"{split}[{index}]")
-        if len(images) == num_images:
-            break
+    with tqdm(total=num_images, desc="reading images", unit="image", leave=False) as bar:
+        for identifier, value in candidates:
+            image = decode_image(value)
+            if image is None:
+                logger.warning("skipping undecodable image %s %s", identifier, where)
+                continue
+            images.append(image)
+            used.append(identifier)
+            bar.update()
+            if len(images) == num_images:
+                break
     return images, used
 
 
@@ -108,7 +111,7 @@ def load_images(
 ) -> tuple[list[Image.Image], list[str]]:
     """``num_images`` RGB images and their identifiers from a folder or a dataset (Hub ids are always streamed)."""
     if num_images <= 0:
-        raise ConfigurationError(f"num-images: must be positive, got {num_images}")
+        raise ConfigurationError(f"num_images: must be positive, got {num_images}")
     if sample not in ("balanced", "first"):
         raise ConfigurationError(f"sample: expected 'balanced' or 'first', got {sample!r}")
     root = Path(dataset).expanduser()
