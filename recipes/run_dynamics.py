@@ -7,7 +7,7 @@ teacher and both students on the same held-out digits and reports how closely ea
 normalised ``ℓ`` curve follows the teacher's (Pearson correlation and mean distance), with an
 overlay plot. The paper's claim is that the distilled student mirrors its teacher.
 
-    python recipes/run_dynamics.py [--config recipes/configs/demo.yaml] [--output-dir outputs/dynamics]
+    python recipes/run_dynamics.py [--config recipes/configs/demo.yaml] [--output_dir outputs/dynamics]
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def train_student(config: str, output_dir: Path, *overrides: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="recipes/configs/demo.yaml", help="run_distill.py config of the SpectralKD run.")
-    parser.add_argument("--output-dir", default="outputs/dynamics", help="Where the two students and the report go.")
-    parser.add_argument("--num-images", type=int, default=500, help="Held-out images the profiles are measured on.")
+    parser.add_argument("--output_dir", "--output-dir", default="outputs/dynamics", help="Where the two students and the report go.")
+    parser.add_argument("--num_images", "--num-images", type=int, default=500, help="Held-out images the profiles are measured on.")
     options = parser.parse_args(argv)
     out = Path(options.output_dir)
 

@@ -58,7 +58,7 @@ def run(argv: list[str]) -> int:
         from ..hub import require_online_hub
 
         require_online_hub("push_to_hub", "pass --push_to_hub false and upload the finished run later with "
-                           "`hf-spectralkd push OUTPUT_DIR --repo-id USER/NAME`")
+                           "`hf-spectralkd push OUTPUT_DIR --repo_id USER/NAME`")
     check_writable(args.output_dir)  # before data is cached there; the rest of the folder check is the trainer's
     set_seed(args.seed)
     ensure_deepspeed_distributed(args)
