@@ -233,6 +233,7 @@ def test_a_bug_in_a_checkpoint_write_keeps_its_traceback(tmp_path):
         writer.save(str(tmp_path), SimpleNamespace(global_step=1, best_model_checkpoint=None),
                     trainer_save(writer, tmp_path, 1, [], fail=KeyError("a bug")))
     assert not (tmp_path / "checkpoint-1").exists()
+    assert not (tmp_path / STAGING_DIR / "checkpoint-1").exists()  # the partial copy is removed, bug or not
 
 
 # ------------------------------------------------------------------------------------------------

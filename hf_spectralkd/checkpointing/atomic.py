@@ -76,6 +76,8 @@ class AtomicCheckpointWriter:
                         json.dump(payload, handle)
         except Exception as error:  # noqa: BLE001 - a full disk, a lost mount, a quota: report it, keep what is complete
             if write_failure(error, run_dir) is None:
+                if self.args.should_save:  # nothing half-written stays behind, even for a bug
+                    shutil.rmtree(staged, ignore_errors=True)
                 raise  # a bug keeps its traceback
             failure = error
         # Every process has written its files (DDP: rng_state_<rank>.pth, DeepSpeed: its shards)
