@@ -1,4 +1,4 @@
-"""Wrong labels are refused when a split is opened, naming the rows and values (issue 22); classes without
+"""Wrong labels are refused when a split is opened, naming the rows and values; classes without
 training images are a warning. The loader is called directly where it is the unit; the recipe runs in a real
 process for what a job sees."""
 

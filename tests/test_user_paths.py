@@ -1,5 +1,5 @@
 """Paths a new user takes that the other tests' fixtures do not: every subcommand's --help, pipes, other model
-families, evaluation-only data, save_to_disk datasets, compiled models, offline pushes (issue 21)."""
+families, evaluation-only data, save_to_disk datasets, compiled models, offline pushes."""
 
 from __future__ import annotations
 
