@@ -299,3 +299,81 @@ def fake_checkpoint(folder, step: int):
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     write_manifest(str(folder))
     return folder
+
+
+# Tiny configs of every transformers image-classification family the feature taps serve (see docs/taps.md):
+# hidden sizes 8-32, 1-2 layers or stages; image_size=32 also where the config
+# has no such field (convolutional families: the taps are then described at 32 px instead of 224). Each entry: config class name, its arguments, input side in pixels.
+_VIT_LIKE = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32)
+_TOWER = dict(vision_config=_VIT_LIKE, text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=32))
+_SWIN_LIKE = dict(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4)
+_SEGFORMER_LIKE = dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+                       strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2])
+TINY_CLASSIFIERS = {
+    "vit": ("ViTConfig", _VIT_LIKE, 32),
+    "deit": ("DeiTConfig", _VIT_LIKE, 32),
+    "beit": ("BeitConfig", _VIT_LIKE, 32),
+    "data2vec-vision": ("Data2VecVisionConfig", _VIT_LIKE, 32),
+    "dinov2": ("Dinov2Config", dict(_VIT_LIKE, intermediate_size=None, mlp_ratio=2), 32),
+    "dinov2_with_registers": ("Dinov2WithRegistersConfig", dict(_VIT_LIKE, intermediate_size=None, mlp_ratio=2,
+                                                                num_register_tokens=3), 32),
+    "ijepa": ("IJepaConfig", _VIT_LIKE, 32),
+    "vit_msn": ("ViTMSNConfig", _VIT_LIKE, 32),
+    "clip": ("CLIPConfig", _TOWER, 32),
+    "metaclip_2": ("MetaClip2Config", _TOWER, 32),
+    "siglip": ("SiglipConfig", _TOWER, 32),
+    "levit": ("LevitConfig", dict(image_size=64, hidden_sizes=[16, 32], num_attention_heads=[1, 2], depths=[1, 1],
+                                  key_dim=[8, 8], mlp_ratio=[2, 2], attention_ratio=[2, 2], patch_size=16,
+                                  down_ops=[["Subsample", 8, 1, 4, 2, 2]]), 64),
+    "swin": ("SwinConfig", _SWIN_LIKE, 32),
+    "swinv2": ("Swinv2Config", _SWIN_LIKE, 32),
+    "donut-swin": ("DonutSwinConfig", _SWIN_LIKE, 32),
+    "focalnet": ("FocalNetConfig", dict(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1], focal_levels=[2, 2],
+                                        focal_windows=[3, 3]), 32),
+    "hiera": ("HieraConfig", dict(image_size=[64, 64], patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1],
+                                  embed_dim=8, depths=[1, 1], num_heads=[1, 2], query_stride=[2, 2],
+                                  masked_unit_size=[4, 4], masked_unit_attention=[True, False], num_query_pool=1), 64),
+    "convnext": ("ConvNextConfig", dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32), 32),
+    "convnextv2": ("ConvNextV2Config", dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32), 32),
+    "resnet": ("ResNetConfig", dict(image_size=32, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"), 32),
+    "regnet": ("RegNetConfig", dict(image_size=32, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8), 32),
+    "bit": ("BitConfig", dict(image_size=32, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2), 32),
+    "hgnet_v2": ("HGNetV2Config", dict(image_size=32, embedding_size=16, stem_channels=[3, 8, 16], depths=[1, 1], hidden_sizes=[32, 64],
+                                       stage_in_channels=[16, 32], stage_mid_channels=[8, 16],
+                                       stage_out_channels=[32, 64], stage_num_blocks=[1, 1],
+                                       stage_downsample=[False, True], stage_downsample_strides=[2, 2],
+                                       stage_light_block=[False, True], stage_kernel_size=[3, 3],
+                                       stage_numb_of_layers=[1, 1]), 32),
+    "textnet": ("TextNetConfig", dict(stem_out_channels=8, conv_layer_kernel_sizes=[[[3, 3]], [[3, 3]]],
+                                      conv_layer_strides=[[1], [2]], hidden_sizes=[8, 8, 16], depths=[1, 1],
+                                      image_size=32), 32),
+    "pp_lcnet": ("PPLCNetConfig", dict(image_size=32, block_configs=[[[3, 8, 8, 1, False]], [[3, 8, 16, 2, False]], [[3, 16, 16, 2, False]],
+                                                      [[3, 16, 32, 2, False]], [[3, 32, 32, 2, False]]],
+                                       stem_channels=8, class_expand=32, depths=[1] * 5), 32),
+    "efficientnet": ("EfficientNetConfig", dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                                hidden_dim=320), 32),
+    "mobilenet_v2": ("MobileNetV2Config", dict(image_size=32, depth_multiplier=0.25), 32),
+    "mobilevit": ("MobileViTConfig", dict(image_size=32, hidden_sizes=[16, 16, 16],
+                                          neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16]), 32),
+    "mobilevitv2": ("MobileViTV2Config", dict(image_size=64, width_multiplier=0.25), 64),
+    "cvt": ("CvtConfig", dict(image_size=32, embed_dim=[8, 8, 16], num_heads=[1, 1, 2], depth=[1, 2, 3]), 32),  # depth[i] > i (transformers 5.23 indexes drop-path rates by stage)
+    "poolformer": ("PoolFormerConfig", dict(image_size=32, hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2,
+                                            patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1]), 32),
+    "pvt_v2": ("PvtV2Config", dict(_SEGFORMER_LIKE, image_size=32), 32),
+    "segformer": ("SegformerConfig", dict(_SEGFORMER_LIKE, image_size=32), 32),
+}
+
+
+def tiny_classifier(family: str, num_labels: int = 3, seed: int = 0):
+    """``(model, side)``: a random ``…ForImageClassification`` of ``family`` from its tiny config, and the input side."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    config_name, arguments, side = TINY_CLASSIFIERS[family]
+    config = getattr(transformers, config_name)(num_labels=num_labels, **arguments)
+    model_class = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[family]
+    model_class = model_class[0] if isinstance(model_class, tuple) else model_class
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval(), side

@@ -90,10 +90,15 @@ def test_unsupported_model_names_supported_families():
     with pytest.raises(ValueError, match=r"Unsupported model.*Linear.*ViT.*DeiT.*Swin.*TimmWrapper"):
         model_family(nn.Linear(2, 2))
 
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import PerceiverConfig, PerceiverForImageClassificationLearned
 
-    with pytest.raises(ValueError, match=r"model_type='resnet'"):
-        model_family(ResNetForImageClassification(ResNetConfig(num_labels=2)))
+    # A known family left out: the message names it and says why, on one line.
+    perceiver = PerceiverForImageClassificationLearned(PerceiverConfig(d_model=16, d_latents=16, num_latents=4,
+                                                                       num_blocks=1, num_self_attends_per_block=1,
+                                                                       image_size=8, num_labels=2))
+    with pytest.raises(ValueError, match=r"model_type='perceiver'\): its blocks update a latent array") as raised:
+        model_family(perceiver)
+    assert "\n" not in str(raised.value)
 
 
 def test_wrappers_are_unwrapped(vit):
@@ -126,6 +131,8 @@ def test_every_registered_adapter_has_a_hand_written_reading_test():
         "lift_vit": "test_students.py::test_lift_forward_and_taps_match_reference",
         "widelast_vit": "test_students.py::test_widelast_forward_and_taps_match_reference",
     }
+    every_family = "test_every_transformers_family_taps_match_a_hand_written_reading"
+    hand_written.update({family: every_family for family in HAND_WRITTEN_READINGS})
     assert set(supported_families()) == set(hand_written)
 
 
@@ -140,9 +147,9 @@ def test_adapters_read_prefix_tokens_from_the_model(vit, deit, swin, cait, lift,
     with torch.no_grad():  # the count matches the tokens in front of the 16 patch tokens of a 32 px input
         tokens = deit(pixel_values=torch.zeros(1, 3, 32, 32), output_hidden_states=True).hidden_states[1]
     assert tokens.shape[1] - 16 == 2
-    # Under DeepSpeed ZeRO-3 a partitioned parameter is empty and keeps its full shape in ds_shape.
+    # The count comes from the config, so a DeepSpeed ZeRO-3 partition (parameters emptied) does not change it.
     token = deit.deit.embeddings.distillation_token
-    token.data, token.ds_shape = torch.empty(0), token.shape
+    token.data = torch.empty(0)
     assert adapter_for(deit).prefix_tokens(deit) == 2
 
 
@@ -198,3 +205,63 @@ def test_tap_unit_names_stages_only_for_hierarchical_families():
     from hf_spectralkd.features import tap_unit
 
     assert [tap_unit(f) for f in ("swin", "vit", "timm_wrapper", "unknown", None)] == ["stage"] + ["block"] * 4
+
+
+# Hand-written reading of each transformers family's forward output: tap i as the test reads it, from
+# transformers 5.23's modeling code. ("tokens", P, S): hidden_states[i + 1] is P prefix tokens then the
+# patch tokens in row-major order, on an S×S grid (S = None: the grid of the patch projection, read from the
+# model's first Conv2d here; "own": each tap's own √N). ("maps", key, offset, layout): entry i + offset of
+# outputs.<key>, laid out NCHW or NHWC.
+_TOKENS = ("tokens", 1, None)
+HAND_WRITTEN_READINGS = {
+    "vit": _TOKENS, "deit": ("tokens", 2, None), "beit": _TOKENS, "data2vec-vision": _TOKENS, "dinov2": _TOKENS,
+    "dinov2_with_registers": ("tokens", 1 + 3, None), "ijepa": ("tokens", 0, None), "vit_msn": _TOKENS,
+    "clip": _TOKENS, "metaclip_2": _TOKENS, "siglip": ("tokens", 0, None), "levit": ("tokens", 0, "own"),
+    "swin": ("maps", "reshaped_hidden_states", 1, "NCHW"), "swinv2": ("maps", "reshaped_hidden_states", 1, "NCHW"),
+    "donut-swin": ("maps", "reshaped_hidden_states", 1, "NCHW"), "focalnet": ("maps", "reshaped_hidden_states", 1, "NCHW"),
+    "hiera": ("maps", "reshaped_hidden_states", 1, "NHWC"),
+    **{family: ("maps", "hidden_states", 1, "NCHW") for family in (
+        "convnext", "convnextv2", "resnet", "regnet", "bit", "hgnet_v2", "textnet", "pp_lcnet", "efficientnet")},
+    **{family: ("maps", "hidden_states", 0, "NCHW") for family in (
+        "mobilenet_v2", "mobilevit", "mobilevitv2", "cvt", "poolformer", "pvt_v2", "segformer")},
+}
+
+
+def _hand_written_reading(model, outputs, reading, tap):
+    if reading[0] == "maps":
+        _, key, offset, layout = reading
+        entry = getattr(outputs, key)[tap + offset]
+        return entry if layout == "NCHW" else entry.permute(0, 3, 1, 2)
+    _, prefix, side = reading
+    tokens = outputs.hidden_states[tap + 1]
+    if side is None:
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        height, width = conv(torch.zeros(1, conv.in_channels, *outputs.pixel_size)).shape[-2:]
+    else:
+        height = width = int(round((tokens.shape[1] - prefix) ** 0.5))
+    out = torch.empty(tokens.shape[0], tokens.shape[2], height, width)
+    for i in range(height):
+        for j in range(width):
+            out[:, :, i, j] = tokens[:, prefix + i * width + j, :]
+    return out
+
+
+@pytest.mark.parametrize("family", list(HAND_WRITTEN_READINGS))
+def test_every_transformers_family_taps_match_a_hand_written_reading(family):
+    """Every tap of a tiny random model of the family equals the test's own reading of its outputs, and the
+    shapes describe_taps measured on the meta device equal those of the real maps at the described size."""
+    from helpers import tiny_classifier
+
+    model, _ = tiny_classifier(family)
+    taps = describe_taps(model)
+    layers = list(range(taps.num_layers))
+    pixel_values = torch.randn(2, 3, *taps.image_size)
+    with torch.no_grad():
+        _, maps = forward_with_features(model, pixel_values, layers[::-1])
+        every = model(pixel_values=pixel_values, output_hidden_states=True,
+                      **({"output_hidden_states_before_downsampling": True} if family == "swin" else {}))
+    every.pixel_size = taps.image_size
+    assert taps.num_layers >= 2 and model_family(model) == family
+    for tap, features in zip(layers[::-1], maps):
+        torch.testing.assert_close(features, _hand_written_reading(model, every, HAND_WRITTEN_READINGS[family], tap))
+        assert tuple(features.shape[1:]) == taps.shape(tap)

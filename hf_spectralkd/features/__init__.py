@@ -5,32 +5,36 @@ same kind of tensor (docs/method.md#feature-maps): the output of one transformer
 stage), taken from the residual stream *before* the model's final norm, with prefix tokens (CLS,
 distillation) removed and the patch tokens laid out on their grid.
 
-One :class:`TapAdapter` per model family says how to ask the model for its block outputs, how to
+A :class:`TapAdapter` per model family says how to ask the model for its block outputs, how to
 read them as maps and what its prefix tokens are; the registry (``registry.py``) picks the adapter
-from ``config.model_type``. Families (``outputs`` = forward output with the adapter's kwargs):
+from ``config.model_type``. Two generic adapters serve the transformers classifiers, one instance per
+family with its few facts (``families.py``, the list with the reasons for the families left out):
 
 ========================  ====================================  ==========================================
-family                    adapter (module)                      tap ``i`` (0-based)
+families                  adapter (module)                      tap ``i`` (0-based)
 ========================  ====================================  ==========================================
-``vit``, ``deit``         ``ViTAdapter``, ``DeiTAdapter``        ``outputs.hidden_states[i + 1]``, prefix
-                          (``vit.py``)                          tokens dropped (ViT 1, DeiT 2)
-``swin``                  ``SwinAdapter`` (``swin.py``)         stage ``i`` before patch merging
+ViT, DeiT, BEiT, DINOv2,  ``TokenAdapter`` (``tokens.py``)      ``outputs.hidden_states[i + 1]``, prefix
+CLIP, SigLIP, LeViT, …                                          tokens dropped (CLS, distillation, registers)
+Swin, ConvNeXt, ResNet,   ``MapAdapter`` (``maps.py``)          stage ``i`` of ``hidden_states`` (or
+PVTv2, Hiera, …                                                 ``reshaped_hidden_states``), stem skipped
 ``timm_wrapper``          ``TimmWrapperAdapter``                ``feature_info`` entry ``i`` from timm's
                           (``timm_wrapper.py``)                 ``forward_intermediates``
 ``lift_vit``,             ``LiftAdapter``, ``WideLastAdapter``  as ViT; the last tap is the lifted tokens
 ``widelast_vit``          (``students.py``)                     (Lift) or the wide block (WideLast)
 ========================  ====================================  ==========================================
 
-Cost: every model is asked for the requested blocks only (ViT/DeiT and the timm wrapper accept a
-list in ``output_hidden_states``; Swin's stage outputs are small), so a teacher under no_grad never
-holds the untapped block outputs. For a student, autograd keeps every block output for backward
-anyway; the taps add one reshape (a view) per requested block.
+Cost: token families are asked for the requested blocks only (``output_hidden_states`` as a list, where
+the model supports it; timm likewise); stage outputs are small and asked for all at once. A teacher under
+no_grad then never holds the untapped block outputs. For a student, autograd keeps every block output for
+backward anyway; the taps add one reshape (a view) per requested block.
 
 Adding a family: one adapter module and its test (docs/taps.md).
 """
 
 from __future__ import annotations
 
+from .families import MAP_FAMILIES, TOKEN_FAMILIES, UNSUPPORTED
+from .maps import MapAdapter
 from .registry import (
     TapAdapter,
     TapInfo,
@@ -42,30 +46,30 @@ from .registry import (
     has_taps,
     model_family,
     register,
+    register_unsupported,
     supported_families,
     tap_unit,
 )
 from .students import LiftAdapter, WideLastAdapter
-from .swin import SwinAdapter
 from .timm_wrapper import TimmWrapperAdapter
-from .vit import DeiTAdapter, ViTAdapter, tokens_to_grid
+from .tokens import TokenAdapter, tokens_to_grid
 
 # Registration order is the order the "unsupported model" message names the families in.
-for _adapter in (ViTAdapter(), DeiTAdapter(), SwinAdapter(), TimmWrapperAdapter(), LiftAdapter(), WideLastAdapter()):
+for _adapter in (*TOKEN_FAMILIES, *MAP_FAMILIES, TimmWrapperAdapter(), LiftAdapter(), WideLastAdapter()):
     register(_adapter)
 del _adapter
+register_unsupported(UNSUPPORTED)
 
 SUPPORTED_FAMILIES = supported_families()
 
 __all__ = [
-    "DeiTAdapter",
     "LiftAdapter",
+    "MapAdapter",
     "SUPPORTED_FAMILIES",
-    "SwinAdapter",
     "TapAdapter",
     "TapInfo",
     "TimmWrapperAdapter",
-    "ViTAdapter",
+    "TokenAdapter",
     "WideLastAdapter",
     "adapter_for",
     "describe_taps",

@@ -54,7 +54,7 @@ def pair(value: Any) -> tuple[int, int]:
 
 
 class TapAdapter:
-    """How to tap one model family. Subclass it, fill in the five methods, register an instance.
+    """How to tap one model family. Subclass it, fill in the methods, register an instance.
 
     Every method receives the *unwrapped* model (the registry unwraps once). ``layers`` are 0-based
     tap indices, non-empty, in the caller's order (duplicates allowed).
@@ -73,7 +73,7 @@ class TapAdapter:
         """Raise ``ConfigurationError`` if this model of the family cannot be tapped (default: all can)."""
 
     def num_taps(self, model: nn.Module) -> int:
-        """How many taps the model has (its blocks or stages)."""
+        """How many taps the model has (its blocks or stages); only the default :meth:`measure` asks."""
         raise NotImplementedError
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
@@ -98,8 +98,9 @@ class TapAdapter:
         """
         raise NotImplementedError
 
-    def measure(self, model: nn.Module, pixel_values: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
-        """The maps of ``layers`` for ``pixel_values`` (on the meta device in :func:`describe_taps`)."""
+    def measure(self, model: nn.Module, pixel_values: torch.Tensor, layers: Optional[Sequence[int]]) -> list[torch.Tensor]:
+        """The maps of ``layers`` (``None``: every tap) for ``pixel_values`` (on the meta device in :func:`describe_taps`)."""
+        layers = range(self.num_taps(model)) if layers is None else layers
         outputs = model(pixel_values=pixel_values, **self.forward_kwargs(model, layers))
         return self.read(model, outputs, layers)
 
@@ -119,6 +120,14 @@ def supported_families() -> tuple[str, ...]:
     return tuple(_ADAPTERS)
 
 
+_UNSUPPORTED: dict[str, str] = {}
+
+
+def register_unsupported(reasons: dict[str, str]) -> None:
+    """Record why known families (``config.model_type`` → one-line reason) cannot be tapped, for the message."""
+    _UNSUPPORTED.update(reasons)
+
+
 def _supported_help() -> str:
     descriptions = [adapter.description or adapter.family for adapter in _ADAPTERS.values()]
     return ", ".join(descriptions[:-1]) + f" and {descriptions[-1]}" if len(descriptions) > 1 else "".join(descriptions)
@@ -131,8 +140,10 @@ def _resolve(model: nn.Module) -> tuple[TapAdapter, nn.Module]:
     adapter = _ADAPTERS.get(model_type) if isinstance(model_type, str) else None
     if adapter is None:
         name = type(model).__name__ if model_type is None else f"{type(model).__name__} (model_type='{model_type}')"
+        reason = f": {_UNSUPPORTED[model_type]}" if model_type in _UNSUPPORTED else ""
         raise ConfigurationError(
-            f"Unsupported model for spectral feature taps: {name}. Supported families: {_supported_help()}."
+            f"Unsupported model for spectral feature taps: {name}{reason}. Supported families: {_supported_help()} "
+            "(docs/taps.md); distil logits only (--beta 0) with other teachers."
         )
     adapter.check(model)
     return adapter, model
@@ -188,15 +199,14 @@ def describe_taps(model: nn.Module) -> TapInfo:
     if cached is not None and cached[0] == config:
         return cached[1]
     channels_in, height, width = adapter.input_size(model)
-    layers = list(range(adapter.num_taps(model)))
     with torch.device("meta"):
         # A fresh module of the same class: the config alone fixes the tap shapes; .eval() because
         # a train-mode BatchNorm refuses a batch of one (efficientvit_m0's head).
         twin = type(model)(copy.deepcopy(model.config)).eval()
-        maps = adapter.measure(twin, torch.empty(1, channels_in, height, width), layers)
+        maps = adapter.measure(twin, torch.empty(1, channels_in, height, width), None)  # every tap
     info = TapInfo(
         family=adapter.family,
-        num_layers=len(layers),
+        num_layers=len(maps),
         channels=tuple(int(m.shape[1]) for m in maps),
         grids=tuple((int(m.shape[2]), int(m.shape[3])) for m in maps),
         image_size=(height, width),

@@ -19,14 +19,15 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .vit import ViTAdapter, tokens_to_grid
+from .tokens import TokenAdapter, tokens_to_grid
 
 
-class WideLastAdapter(ViTAdapter):
+class WideLastAdapter(TokenAdapter):
     """``WideLastViTForImageClassification``: every block output, CLS dropped; the last one is wider."""
 
-    family = "widelast_vit"
-    description = "the WideLast student (WideLastViTForImageClassification of hf_spectralkd.students)"
+    def __init__(self, family: str = "widelast_vit",
+                 description: str = "the WideLast student (WideLastViTForImageClassification of hf_spectralkd.students)"):
+        super().__init__(family, description)
 
     def forward_kwargs(self, model: nn.Module, layers: Sequence[int]) -> dict[str, Any]:
         return {"output_hidden_states": True}
@@ -35,8 +36,8 @@ class WideLastAdapter(ViTAdapter):
 class LiftAdapter(WideLastAdapter):
     """``LiftViTForImageClassification``: blocks ``0 … L-2`` as ViT, tap ``L-1`` the lifted patch tokens."""
 
-    family = "lift_vit"
-    description = "the Lift student (LiftViTForImageClassification of hf_spectralkd.students)"
+    def __init__(self):
+        super().__init__("lift_vit", "the Lift student (LiftViTForImageClassification of hf_spectralkd.students)")
 
     def read(
         self, model: nn.Module, outputs: Any, layers: Sequence[int], grid: Optional[tuple[int, int]] = None
