@@ -265,3 +265,24 @@ def test_every_transformers_family_taps_match_a_hand_written_reading(family):
     for tap, features in zip(layers[::-1], maps):
         torch.testing.assert_close(features, _hand_written_reading(model, every, HAND_WRITTEN_READINGS[family], tap))
         assert tuple(features.shape[1:]) == taps.shape(tap)
+
+
+def test_layer_map_pairs_a_vit_student_with_new_families_on_equal_grids():
+    """--beta > 0 with a transformers-native teacher of another tap count: the layer map gets its taps and keeps
+    only pairs on equal grids (ViT 4×4 blocks; ConvNeXt stages 8×8, 4×4; DINOv2 with registers 4×4 blocks)."""
+    from types import SimpleNamespace
+
+    from helpers import tiny_classifier, tiny_vit
+
+    from hf_spectralkd.layer_map import build_layer_map, resolve_layer_map
+
+    student = tiny_vit().eval()
+    convnext, _ = tiny_classifier("convnext")
+    args = SimpleNamespace(uses_features=True, layer_map="auto", student_layers=None, teacher_layers=None)
+    pairs = resolve_layer_map(student, convnext, args, pixel_values=torch.randn(4, 3, 32, 32))
+    # Stage-by-stage pairing (0↔0, 1↔1) moved onto equal grids: ConvNeXt stage 0 (8×8) has no 4×4 student block.
+    assert [(p.student, p.teacher) for p in pairs] == [(1, 1)]
+    assert pairs[0].teacher_shape == (16, 4, 4) and pairs[0].student_shape == (32, 4, 4)
+    registers, _ = tiny_classifier("dinov2_with_registers")
+    pairs = build_layer_map(student, registers, [0, 2], [0, 1])
+    assert [p.teacher_shape for p in pairs] == [(16, 4, 4)] * 2

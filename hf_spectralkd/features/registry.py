@@ -191,7 +191,8 @@ def describe_taps(model: nn.Module) -> TapInfo:
     neither the model (its weights, BatchNorm statistics, hooks, a DeepSpeed ZeRO-3 partition) nor
     memory: measured with transformers 5.23 / timm 1.0.31 on 2 CPU cores, building and running the
     twin takes 0.03 s for the test models and 0.4 s for CaiT-S24 at 224 px, and every supported
-    family (ViT, DeiT, Swin, timm CaiT/DINOv2/EfficientViT, Lift, WideLast) runs on it.
+    family (every transformers family in families.py, measured tiny: 0.1-0.3 s each, MobileNetV2 with
+    16 taps 1.7 s on a loaded machine; timm CaiT/DINOv2/EfficientViT, Lift, WideLast) runs on it.
     """
     adapter, model = _resolve(model)
     config = model.config.to_dict()
