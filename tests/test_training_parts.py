@@ -299,6 +299,16 @@ def test_output_dir_lock_refuses_a_second_holder_in_the_same_process_and_is_gone
         assert (tmp_path / LOCK_FILE).exists()
 
 
+def test_output_dir_lock_taken_twice_by_the_same_object_is_an_error_that_keeps_the_lock(tmp_path):
+    lock = OutputDirLock(str(tmp_path), heartbeat_s=3600).acquire()
+    with pytest.raises(RuntimeError, match=r"already held by this object; it is not re-entrant"):
+        lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()  # still held, by the first take
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()  # one release frees it: the second take counted nothing
+    lock.acquire().release()  # and the object can take it again once released
+
+
 def test_output_dir_lock_takes_over_the_lock_of_a_dead_process_only(tmp_path):
     dead_pid = 2**31 - 2  # above any pid_max: no such process
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname()}))

@@ -38,7 +38,7 @@ from ..models import load_model
 from ..perf import keep_freed_memory
 from ..preprocessing import InputAdapter, InputSpec
 from ..summary import RunSummary
-from ..teacher import check_teacher, run_teacher, stop_if_near_chance
+from ..teacher import TeacherClassifier, run_teacher
 from .data_order import DataOrder
 from .image_counter import IMAGE_COUNTS_FILE, ImageCounter
 from .model_card import ModelCardWriter
@@ -47,7 +47,8 @@ from .optimizer import DeiTOptimization
 from .output_dir import OutputDirHold, check_output_dir, clear_previous_run
 from .preemption import ignore_stop_signals_in_workers, take_sigterm_from_jit_checkpoint
 from .run_record import RUN_CONFIG_FILE, RunRecord
-from .teacher_setup import place_teacher, resolve_teacher
+from .scoring import DataClasses, evaluation_only, score_classifier
+from .teacher_setup import check_teacher_before_training, place_teacher, resolve_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class SpectralDistillationTrainer(Trainer):
             by default read from ``processing_class`` (the image processor saved with the student).
         teacher_inputs: what the teacher expects; by default ``args.teacher_image_mean/std``, else read
             from the teacher (its image processor when given by id or folder, timm's ``pretrained_cfg``).
+        classes: the data's classes; with ``args.do_train`` false (an evaluation alone) the student and teacher are
+            checked against them and scored in their order (:mod:`.scoring`).
         **kwargs: everything ``transformers.Trainer`` accepts (datasets, collator, callbacks, ...).
             ``compute_metrics`` defaults to top-1/top-5 accuracy and the collator to
             :class:`~hf_spectralkd.data.ImageClassificationCollator`.
@@ -87,7 +90,7 @@ class SpectralDistillationTrainer(Trainer):
                  args: Optional[SpectralDistillationConfig] = None, teacher_kwargs: Optional[dict[str, Any]] = None,
                  layer_map: Optional[list[LayerPair]] = None, summary: Optional[RunSummary] = None,
                  student_inputs: Optional[InputSpec] = None, teacher_inputs: Optional[InputSpec] = None,
-                 **kwargs: Any) -> None:
+                 classes: Optional[DataClasses] = None, **kwargs: Any) -> None:
         args = SpectralDistillationConfig(output_dir="spectralkd_output") if args is None else args
         if not isinstance(args, SpectralDistillationConfig):
             raise TypeError(f"args must be a SpectralDistillationConfig, got {type(args).__name__}")
@@ -98,7 +101,8 @@ class SpectralDistillationTrainer(Trainer):
             if isinstance(model, str) else None
         model = student_info.model if student_info else model
         teacher = resolve_teacher(teacher_model, model, args, teacher_kwargs or {}, student_inputs, teacher_inputs,
-                                  kwargs.get("processing_class"))
+                                  kwargs.get("processing_class"), classes)
+        model, args = evaluation_only(model, args, classes, summary)
         kwargs.setdefault("data_collator", ImageClassificationCollator())
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = topk_accuracy
@@ -116,8 +120,8 @@ class SpectralDistillationTrainer(Trainer):
                         args.feature_loss, args.beta, [p.student for p in self.layer_map],
                         [p.teacher for p in self.layer_map])
         self.teacher = place_teacher(teacher.model, self.accelerator, self.is_deepspeed_enabled, args.teacher_compile) \
-            if teacher.model is not None else None
-        self.teacher_label_order = teacher.label_order
+            if teacher.model is not None and args.needs_teacher else None
+        self._teacher_model, self.teacher_label_order = teacher.model, teacher.label_order
         self.teacher_inputs: Optional[InputAdapter] = teacher.adapter.to(args.device) if teacher.adapter else None
         self.summary = summary or RunSummary.describe(
             args, model, teacher.model, self.layer_map, student_source=student_info.source if student_info else None,
@@ -149,17 +153,13 @@ class SpectralDistillationTrainer(Trainer):
 
         Returns the top-1 (``None`` when there is nothing to check).
         """
-        args = self.args
-        if (args.teacher_check_images <= 0 or self.teacher is None or not args.uses_teacher_logits
-                or self.eval_dataset is None or isinstance(self.eval_dataset, dict)):
-            return None
-        top1, scored, classes = check_teacher(
-            self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
-            self.teacher_inputs, self.teacher_label_order, seed=args.seed,
-        )
-        self.summary.teacher_check_accuracy = top1
-        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs, classes)
-        return top1
+        return check_teacher_before_training(self)
+
+    def evaluate_teacher(self) -> dict[str, float]:
+        """Top-1/top-5 of the teacher (``{}`` without one) on the evaluation split, on the inputs it expects and
+        in the student's (or, evaluating alone, the data's) class order."""
+        return score_classifier(self, TeacherClassifier(self._teacher_model, self.teacher_inputs,
+                                                        self.teacher_label_order)) if self._teacher_model else {}
 
     def holding_output_dir(self):
         """``with trainer.holding_output_dir():`` keeps the output folder's lock for a whole run (train, final save,
