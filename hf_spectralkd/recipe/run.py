@@ -17,8 +17,10 @@ import time
 import transformers
 from transformers import set_seed
 
+from ..checkpointing.write_errors import reporting_write_failure
 from ..data import first_images, open_image_datasets, prepare_image_datasets
 from ..errors import ConfigurationError
+from ..hub import PROFILE_PLOT
 from ..models import ensure_deepspeed_distributed, load_model, model_license
 from ..preprocessing import input_spec_of, spec_from_processor, student_image_size
 from ..summary import RunSummary, layer_map_record
@@ -125,15 +127,18 @@ def run(argv: list[str]) -> int:
                           f"checkpoint-{step} in {args.output_dir}; resume with --resume_from_checkpoint true",
                           file=sys.stderr, flush=True)
                 return EXIT_PREEMPTED
-            trainer.save_model()
+            with reporting_write_failure(args.output_dir, "the model card README.md"):  # the weights: save_final
+                trainer.save_model()
             trainer.log_metrics("train", train_result.metrics)
-            trainer.save_metrics("train", train_result.metrics)
-            trainer.save_state()
+            with reporting_write_failure(args.output_dir, "train_results.json, all_results.json, trainer_state.json"):
+                trainer.save_metrics("train", train_result.metrics)
+                trainer.save_state()
             summary.train_runtime_s = train_result.metrics.get("train_runtime")
         if data.eval is not None and args.do_eval:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
+            with reporting_write_failure(args.output_dir, "eval_results.json, all_results.json", args.do_train):
+                trainer.save_metrics("eval", metrics)
             if not args.do_train:
                 summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
                 summary.best_student_accuracy = summary.student_accuracy
@@ -143,14 +148,17 @@ def run(argv: list[str]) -> int:
 
         zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
         if args.do_train and teacher is not None and profile_batch is not None and profile_images > 0 and not zero3:
-            summary.profile_similarity = write_profile_comparison(
-                trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs)
+            with reporting_write_failure(args.output_dir, f"spectral_profiles.json, {PROFILE_PLOT}"):
+                summary.profile_similarity = write_profile_comparison(
+                    trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs)
         if args.do_train:
             summary.record_training_state(trainer.state)
             summary.record_image_counts(*trainer.image_counter.training_totals())  # every process: a sum over them
         else:
             summary.global_steps, summary.max_steps = 0, 0
-        write_results(summary, trainer, model_args, args, started, card=args.do_train)
+        results = model_args.results_file or "results.json"
+        with reporting_write_failure(args.output_dir, f"README.md, {results}" if args.do_train else results, args.do_train):
+            write_results(summary, trainer, model_args, args, started, card=args.do_train)
         if trainer.args.push_to_hub:  # an evaluation alone pushes nothing
             trainer.push_to_hub(commit_message="SpectralKD distilled student")
         return 0

@@ -7,11 +7,11 @@ other inputs, its logits put in the student's class order; one student forward; 
 the tapped hidden states; then :func:`~hf_spectralkd.losses.distillation_objective`. Its three raw
 components are logged as ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over window and processes.
 
-The trainer owns the run's decisions (teacher, input adapter, label order, layer map, run record,
-output folder lock, resume point) and delegates each Trainer override in a few lines to a part it owns:
-:class:`ImageCounter`, :class:`AtomicCheckpointWriter`, :class:`DataOrder`, :class:`DeiTOptimization`,
-:class:`ModelCardWriter`, :class:`RunRecord`, :class:`NonFiniteWatch`, :class:`PreemptionWatch`,
-:class:`OutputDirHold`. The parts' ``state_dict()`` is written into each checkpoint and given back on resume.
+The trainer owns the run's decisions (teacher, input adapter, label order, layer map, what an evaluation alone
+scores, run record, output folder lock, resume point) and delegates each Trainer override in a few lines to a
+part it owns (:mod:`.teacher_setup`, :mod:`.scoring`, :class:`ImageCounter`, :class:`AtomicCheckpointWriter`,
+:class:`DataOrder`, :class:`DeiTOptimization`, :class:`ModelCardWriter`, :class:`RunRecord`, :class:`NonFiniteWatch`,
+:class:`PreemptionWatch`, :class:`OutputDirHold`); the parts' ``state_dict()`` is written into each checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..preprocessing import InputAdapter, InputSpec
 from ..summary import RunSummary
 from ..teacher import TeacherClassifier, run_teacher
 from .data_order import DataOrder
+from .finished_run import finish_from_checkpoint
 from .image_counter import IMAGE_COUNTS_FILE, ImageCounter
 from .model_card import ModelCardWriter
 from .nonfinite import NonFiniteWatch
@@ -76,9 +77,8 @@ class SpectralDistillationTrainer(Trainer):
             :class:`~hf_spectralkd.data.ImageClassificationCollator`.
 
     Raises:
-        ConfigurationError (a ``ValueError``): before training, for a missing or unsupported teacher, layer lists
-            of different lengths or out of range, paired layers of different spatial size, or teacher and student
-            with different numbers of classes.
+        ConfigurationError (a ``ValueError``): before training, for a missing or unsupported teacher, layer lists of
+            different lengths or out of range, paired layers of different sizes, or models with other classes.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation
@@ -108,9 +108,8 @@ class SpectralDistillationTrainer(Trainer):
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         # Checked before Trainer.__init__, which may already contact the Hub.
-        if layer_map is None:
-            layer_map = resolve_layer_map(model, teacher.model, args, _sample_images(args, kwargs), teacher.adapter)
-        self.layer_map: list[LayerPair] = list(layer_map)
+        self.layer_map: list[LayerPair] = list(layer_map if layer_map is not None else resolve_layer_map(
+            model, teacher.model, args, _sample_images(args, kwargs), teacher.adapter))
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # never pass num_items_in_batch to the student
         if args.cpu_malloc_tuning and self.args.device.type == "cpu":
@@ -171,8 +170,8 @@ class SpectralDistillationTrainer(Trainer):
 
         ``resume_from_checkpoint``: ``True``/``"true"`` resumes from the newest checkpoint that verifies (a damaged
         newer one is skipped with a warning), a path must verify. A checkpoint of a run configured differently,
-        or one at or past ``max_steps``, is refused before any step (:meth:`RunRecord.check_resume`). With
-        ``overwrite_output_dir`` the previous run in the folder is removed, under the lock.
+        or one at or past ``max_steps``, is refused before any step (:meth:`RunRecord.check_resume`), unless the run's
+        final student is missing (then loaded, untrained: :mod:`.finished_run`); ``overwrite_output_dir`` clears it.
         """
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         check_output_dir(self.args.output_dir, self.args.overwrite_output_dir, checkpoint)
@@ -181,8 +180,9 @@ class SpectralDistillationTrainer(Trainer):
             try:
                 if self.args.overwrite_output_dir and lock_holder:  # the main process, sure no other run uses it
                     clear_previous_run(self.args.output_dir)
-                self.run_record.check_resume(checkpoint, self._planned_max_steps, self.is_world_process_zero())
                 self._checkpoints.restore(checkpoint)
+                if self.run_record.check_resume(checkpoint, self._planned_max_steps, self.is_world_process_zero()):
+                    return finish_from_checkpoint(self, checkpoint)  # trained to its end; its final save had failed
                 self._data_order.resume(self.train_dataset, checkpoint)
                 if self._preemption is not None:
                     self._preemption.install()
