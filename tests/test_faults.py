@@ -354,3 +354,48 @@ def test_several_processes_taking_over_one_stale_lock_leave_exactly_one_holder(t
     # Each holder found its own pid in the lock file, and released it.
     assert all(owner == pid for _, pid, owner in outcomes if owner is not None)
     assert not any((Path(folder) / LOCK_FILE).exists() for folder in folders)
+
+
+@pytest.mark.slow
+def test_a_full_disk_after_training_is_one_line_and_a_resume_writes_the_missing_student(saved_models, imagefolder,
+                                                                                         tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hf_spectralkd.checkpointing.atomic import AtomicCheckpointWriter
+    from hf_spectralkd.summary import RunSummary
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write's close() raises it: no file name
+
+    out = tmp_path / "out"
+    argv = tiny_run_args(saved_models, imagefolder, out, "--max_steps", "2", "--eval_strategy", "no",
+                         "--profile_images", "0", "--evaluate_teacher", "false")
+    # The disk fills while the final student is written: one line; checkpoint-2 is the run's end, no student.
+    save_final = AtomicCheckpointWriter.save_final  # the final student's save; a checkpoint's goes through it staged
+    with monkeypatch.context() as patch:
+        patch.setattr(AtomicCheckpointWriter, "save_final", lambda writer, folder, write: save_final(
+            writer, folder, write if writer._staging_root is not None else disk_full))
+        code, err = run_and_capture(run_distill.main, argv, capsys)
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: output_dir: could not write the final student in '{out}': [Errno 28] No space left on device; "
+        "checkpoint-2 is the last complete checkpoint. Free space (or make the file system writable again) and run "
+        "the same command with --resume_from_checkpoint true: a checkpoint at the last step is saved as the final "
+        "student without training again")
+    assert checkpoints(out) == ["checkpoint-2"] and not (out / "model.safetensors").exists()
+
+    # Resumed: nothing is trained, checkpoint-2's weights become the final student; then results.json fails.
+    with monkeypatch.context() as patch:
+        patch.setattr(RunSummary, "write_json", disk_full)
+        code, err = run_and_capture(run_distill.main, argv + ["--resume_from_checkpoint", "true"], capsys)
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: output_dir: could not write README.md, results.json in '{out}': [Errno 28] No space left on device; "
+        "the trained student and the checkpoints are intact (`hf-spectralkd verify OUTPUT_DIR`); free space (or make "
+        "the file system writable again) and score it with --do_train false --do_eval true --student OUTPUT_DIR to "
+        "write its results")
+    final, saved = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
+    assert final.keys() == saved.keys() and all(final[k].equal(saved[k]) for k in saved)
+    assert checkpoints(out) == ["checkpoint-2"] and json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((out / "eval_results.json").read_text())["eval_images"] > 0 and not (out / "results.json").exists()
+    assert not (out / LOCK_FILE).exists()

@@ -299,6 +299,16 @@ def test_output_dir_lock_refuses_a_second_holder_in_the_same_process_and_is_gone
         assert (tmp_path / LOCK_FILE).exists()
 
 
+def test_output_dir_lock_taken_twice_by_the_same_object_is_an_error_that_keeps_the_lock(tmp_path):
+    lock = OutputDirLock(str(tmp_path), heartbeat_s=3600).acquire()
+    with pytest.raises(RuntimeError, match=r"already held by this object; it is not re-entrant"):
+        lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()  # still held, by the first take
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()  # one release frees it: the second take counted nothing
+    lock.acquire().release()  # and the object can take it again once released
+
+
 def test_output_dir_lock_takes_over_the_lock_of_a_dead_process_only(tmp_path):
     dead_pid = 2**31 - 2  # above any pid_max: no such process
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname()}))
@@ -571,3 +581,35 @@ def test_nonfinite_watch_keeps_the_first_step_of_each_component():
     message = str(error.value)
     assert message.startswith("non-finite loss at step 4: loss_kd=inf. Detected at step 6")
     assert "loss_ce" not in message  # it went non-finite later
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring: what an evaluation alone scores, decided by the trainer
+# ------------------------------------------------------------------------------------------------
+def test_an_evaluation_alone_scores_student_and_teacher_in_the_datas_class_order(tmp_path):
+    from hf_spectralkd import ConfigurationError, SpectralDistillationConfig, SpectralDistillationTrainer
+    from hf_spectralkd.teacher import TeacherClassifier
+    from hf_spectralkd.training.scoring import DataClasses
+
+    def named(model, names):
+        model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+        return model
+
+    data = DataClasses({0: "a", 1: "b", 2: "c"}, "my-data")
+    args = SpectralDistillationConfig(output_dir=str(tmp_path), do_train=False, use_cpu=True, report_to="none",
+                                      student_layers=[0], teacher_layers=[0])  # a distilling config: dropped here
+    student, teacher = named(tiny_vit(num_labels=3), ["c", "a", "b"]), named(tiny_vit(num_labels=3, seed=1), ["b", "c", "a"])
+    trainer = SpectralDistillationTrainer(model=student, teacher_model=teacher, args=args, classes=data)
+    assert isinstance(trainer.model, TeacherClassifier) and trainer.model.teacher is student
+    assert trainer.model.label_order.tolist() == [1, 2, 0]  # logits[:, order]: a, b, c from the student's c, a, b
+    assert trainer.teacher_label_order.tolist() == [2, 0, 1]  # and from the teacher's b, c, a
+    assert trainer.teacher is None and trainer.layer_map == []  # scored at the end, never distilled from
+    assert (trainer.args.distillation_type, trainer.args.beta, trainer.args.push_to_hub) == ("none", 0.0, False)
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(trainer.model(pixel_values=pixels).logits, student(pixel_values=pixels).logits[:, [1, 2, 0]])
+    for role, five in (("student", {"model": tiny_vit(num_labels=5), "teacher_model": teacher}),
+                       ("teacher", {"model": student, "teacher_model": tiny_vit(num_labels=5)})):
+        with pytest.raises(ConfigurationError) as error:
+            SpectralDistillationTrainer(args=args, classes=data, **five)
+        assert str(error.value) == (f"{role}: the {role} predicts 5 classes but dataset 'my-data' has 3; evaluate it on "
+                                    f"the data set it was trained for (or a --{role} trained on these 3 classes)")

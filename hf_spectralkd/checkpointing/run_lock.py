@@ -44,8 +44,8 @@ class OutputDirLock:
     empty lock is left to block the folder; :meth:`release` never raises.
 
     Use as a context manager or call :meth:`acquire` / :meth:`release`. Not re-entrant: a run takes its
-    folder's lock once (``SpectralDistillationTrainer.train``), and a second holder in the same process is
-    refused like any other run.
+    folder's lock once (``SpectralDistillationTrainer.holding_output_dir``), a second holder in the same process is
+    refused like any other run, and a second :meth:`acquire` of the same object raises ``RuntimeError``.
     """
 
     def __init__(self, output_dir: str, heartbeat_s: float = 30.0, stale_after_s: float = 300.0):
@@ -77,8 +77,9 @@ class OutputDirLock:
         return age > self.stale_after_s
 
     def acquire(self) -> "OutputDirLock":
-        if self._held:
-            return self
+        if self._held:  # a second take by the same holder is a bug in the caller, never a second run to let through
+            raise RuntimeError(f"OutputDirLock: the lock on '{self.path.parent}' is already held by this object; "
+                               "it is not re-entrant (release it first, or hold it once for the whole run)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _one_at_a_time(self.path.parent):

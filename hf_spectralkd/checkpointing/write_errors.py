@@ -4,11 +4,13 @@
 :func:`raise_if_any_write_failed` turns one (on any process) into the one-line
 :class:`~hf_spectralkd.errors.CheckpointSaveError` (a checkpoint) or
 :class:`~hf_spectralkd.errors.WriteFailedError` (the final student), naming the folder, the cause and
-the last complete checkpoint.
+the last complete checkpoint; :func:`reporting_write_failure` does the same for the files written after
+training (metrics, trainer state, card, results, profiles), naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any, Optional
@@ -20,8 +22,15 @@ from ..integrity import first_line
 
 #: What to do after a failed write of a checkpoint, and of the final student (the run is trained to its end then).
 FREE_SPACE = "Free space (or make the file system writable again) and resume with --resume_from_checkpoint true"
-FREE_SPACE_FINISHED = ("Free space (or make the file system writable again); the checkpoints are intact "
-                       "(`hf-spectralkd verify OUTPUT_DIR`)")
+FREE_SPACE_FINISHED = ("Free space (or make the file system writable again) and run the same command with "
+                       "--resume_from_checkpoint true: a checkpoint at the last step is saved as the final student "
+                       "without training again")
+#: What to do when a file written after the final student fails (the student is whole, its results are not), and
+#: when one of an evaluation's files fails.
+RESULTS_REMEDY = ("the trained student and the checkpoints are intact (`hf-spectralkd verify OUTPUT_DIR`); free space "
+                  "(or make the file system writable again) and score it with --do_train false --do_eval true --student "
+                  "OUTPUT_DIR to write its results")
+EVALUATION_REMEDY = "free space (or make the file system writable again) and run the evaluation again"
 #: What torch.save's C++ zip writer raises (a RuntimeError without the errno) when the disk fills under it: the
 #: failed stream write, then the size check at the archive's end (both seen on a full tmpfs with torch 2.x).
 _TORCH_WRITE_FAILURES = ("iostream error", "unexpected pos", "file write failed")
@@ -61,6 +70,24 @@ def file_system_state(folder: str) -> Optional[str]:
         return "read-only file system"
     free = stats.f_bavail * stats.f_frsize
     return f"no space left on device ({free:,} bytes free)" if free < _FULL_BELOW_BYTES else None
+
+
+@contextlib.contextmanager
+def reporting_write_failure(output_dir: str, files: str, trained: bool = True):
+    """Around writes of ``files`` (their names, for the message) in ``output_dir`` after the final student was
+    saved (``trained``) or after an evaluation: a failed write (:func:`write_failure`) becomes one
+    :class:`WriteFailedError` that names them and says what to do; a :class:`WriteFailedError` raised inside,
+    or a bug, passes unchanged. The files' own writers rarely name them (a full disk fails at ``close``)."""
+    try:
+        yield
+    except WriteFailedError:
+        raise
+    except Exception as error:  # noqa: BLE001 - only a failed write is reported; anything else is re-raised
+        cause = write_failure(error, output_dir)
+        if cause is None:
+            raise
+        remedy = RESULTS_REMEDY if trained else EVALUATION_REMEDY
+        raise WriteFailedError(f"output_dir: could not write {files} in '{output_dir}': {cause}; {remedy}") from error
 
 
 def raise_if_any_write_failed(accelerator: Any, args: Any, failure: Optional[BaseException], what: str, run_dir: str,

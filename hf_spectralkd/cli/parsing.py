@@ -25,13 +25,14 @@ def snake_case(option: str) -> str:
 class CommandParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose long options are snake_case, with kebab-case accepted as a deprecated alias.
 
-    Options may be declared in either spelling; only the snake_case one is registered, so ``--help``
-    and argparse's own messages show it. Before parsing, a kebab-case spelling of a registered option
+    Options may be declared in either spelling, or both (transformers' ``HfArgumentParser`` declares
+    ``--output_dir`` and ``--output-dir``); only the snake_case one is registered, so ``--help`` and
+    argparse's own messages show it. Before parsing, a kebab-case spelling of a registered option
     (``--num-images 8`` or ``--num-images=8``) is rewritten to it and reported once.
     """
 
     def add_argument(self, *names: str, **kwargs):
-        return super().add_argument(*(snake_case(name) for name in names), **kwargs)
+        return super().add_argument(*dict.fromkeys(snake_case(name) for name in names), **kwargs)
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
         rewritten, deprecated = self.canonical_arguments(sys.argv[1:] if args is None else list(args))

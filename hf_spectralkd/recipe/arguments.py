@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from transformers import HfArgumentParser
 
+from ..cli.parsing import CommandParser
 from ..config import SpectralDistillationConfig
 from ..data import KNOWN_TRAIN_SIZES, DataArguments, steps_for_epochs
 from ..errors import ConfigurationError
@@ -87,8 +88,11 @@ class ModelArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SpectralDistillationConfig)
 
 
-class _RecipeParser(HfArgumentParser):
+class _RecipeParser(HfArgumentParser, CommandParser):
     """argparse prints its whole usage (hundreds of options) before an error: give the one line instead.
+
+    Each option is registered in snake_case only (``--help`` lists one spelling); the kebab-case aliases
+    transformers adds (``--output-dir``) are still accepted, with :class:`CommandParser`'s one deprecation warning.
 
     Help texts are plain text in the dataclasses' metadata, but argparse formats them with ``%`` (the
     defaults formatter appends ``%(default)s``): a lone ``%`` ("above 1 %") made ``--help`` crash.

@@ -1,4 +1,4 @@
-"""What a recipe run reports: its configuration, the teacher's score, spectral profiles, the card and results.json."""
+"""What a recipe run reports: its configuration, spectral profiles, the card and results.json."""
 
 from __future__ import annotations
 
@@ -17,24 +17,10 @@ from ..features import has_taps
 from ..layer_map import format_layer_map
 from ..preprocessing import InputSpec
 from ..summary import RunSummary
-from ..training import SpectralDistillationTrainer
 from ..utils import unwrap_model
 from .arguments import ModelArguments
 
 logger = logging.getLogger("hf_spectralkd.distill")
-
-
-def evaluate_model(model, data, args: SpectralDistillationConfig, processor) -> dict[str, float]:
-    """Top-1/top-5 of any classifier on the eval split (used for the teacher)."""
-    eval_args = dataclasses.replace(
-        args, distillation_type="none", beta=0.0, layer_map="manual", student_layers=None, teacher_layers=None,
-        report_to=[], push_to_hub=False, resume_from_checkpoint=None,
-    )
-    trainer = SpectralDistillationTrainer(
-        model=model, args=eval_args, eval_dataset=data.eval, data_collator=data.collator, processing_class=processor
-    )
-    metrics = trainer.evaluate(metric_key_prefix="teacher")
-    return {k.removeprefix("teacher_"): v for k, v in metrics.items()}
 
 
 def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, layer_map) -> str:
@@ -130,26 +116,6 @@ def with_student_preprocessing(data_args: DataArguments, spec: InputSpec) -> Dat
     if values:
         logger.info("preprocessing from the student's image processor: %s", values)
     return dataclasses.replace(data_args, **values) if values else data_args
-
-
-def check_scored_classes(argument: str, model, id2label: dict[int, str], dataset: str) -> None:
-    """An evaluated model must predict the data's classes: the count is compared here, before
-    :func:`~hf_spectralkd.teacher.teacher_label_order` (whose message speaks of a teacher and a student) matches names."""
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if num_labels is not None and num_labels != len(id2label):
-        raise ConfigurationError(
-            f"{argument}: the {argument} predicts {num_labels} classes but dataset '{dataset}' has {len(id2label)}; "
-            f"evaluate it on the data set it was trained for (or a --{argument} trained on these {len(id2label)} classes)"
-        )
-
-
-class LabelsOnly:
-    """The dataset's class names in the shape :func:`~hf_spectralkd.teacher.teacher_label_order` compares."""
-
-    def __init__(self, id2label: dict[int, str]):
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(id2label=id2label, num_labels=len(id2label))
 
 
 def write_results(summary: RunSummary, trainer, model_args: ModelArguments, args: SpectralDistillationConfig,

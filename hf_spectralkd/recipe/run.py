@@ -9,30 +9,27 @@ processor, model card), ``results.json`` and ``run_config.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
 import time
-from typing import Optional
 
 import transformers
 from transformers import set_seed
 
+from ..checkpointing.write_errors import reporting_write_failure
 from ..data import first_images, open_image_datasets, prepare_image_datasets
 from ..errors import ConfigurationError
+from ..hub import PROFILE_PLOT
 from ..models import ensure_deepspeed_distributed, load_model, model_license
 from ..preprocessing import input_spec_of, spec_from_processor, student_image_size
 from ..summary import RunSummary, layer_map_record
-from ..teacher import TeacherClassifier, teacher_label_order
 from ..training import SpectralDistillationTrainer
 from ..training.output_dir import check_writable
+from ..training.scoring import DataClasses
 from .arguments import parse_arguments, streamed_max_steps
 from .report import (
-    LabelsOnly,
-    check_scored_classes,
     describe_run,
-    evaluate_model,
     spectral_extras,
     with_student_preprocessing,
     write_profile_comparison,
@@ -96,25 +93,17 @@ def run(argv: list[str]) -> int:
                                  std=args.teacher_image_std) if teacher else None
     license_ = model_args.license or (model_license(model_args.teacher, args.teacher_revision, token) if teacher else None)
 
-    # The trainer. Evaluating alone, it scores the student in the data's class order and distils nothing.
-    model, trainer_args = student.model, args
-    if not args.do_train:
-        check_scored_classes("student", student.model, raw.id2label, data_args.dataset)
-        order = teacher_label_order(LabelsOnly(raw.id2label), student.model)
-        model = student.model if order is None else TeacherClassifier(student.model, None, order)
-        trainer_args = dataclasses.replace(args, distillation_type="none", beta=0.0, layer_map="manual",
-                                           student_layers=None, teacher_layers=None, push_to_hub=False,
-                                           resume_from_checkpoint=None)
+    # The trainer decides the rest (evaluating alone: both models checked against, and scored in, the data's classes).
     profile_images, dynamics_steps = spectral_extras(model_args, student.model, teacher.model if teacher else None)
     profile_batch = first_images(data.eval, max(profile_images, 32 if dynamics_steps else 0)) if args.do_train else None
     summary = RunSummary.describe(
-        trainer_args, student.model, teacher.model if teacher else None, student_source=student.source,
+        args, student.model, teacher.model if teacher else None, student_source=student.source,
         student_kind=student.kind, teacher_source=teacher.source if teacher else None,
         teacher_revision=teacher.revision if teacher else None, dataset=data_args.dataset, eval_split=raw.eval_split,
         license=license_)
     trainer = SpectralDistillationTrainer(
-        model=model, teacher_model=teacher.model if teacher and args.do_train else None, args=trainer_args,
-        summary=summary, student_inputs=student_spec, teacher_inputs=teacher_spec,
+        model=student.model, teacher_model=teacher.model if teacher else None, args=args, summary=summary,
+        student_inputs=student_spec, teacher_inputs=teacher_spec, classes=DataClasses(data.id2label, data_args.dataset),
         train_dataset=data.train if args.do_train else None, eval_dataset=data.eval, data_collator=data.collator,
         processing_class=data.image_processor)
     summary.layer_map = layer_map_record(trainer.layer_map)  # the trainer resolved it
@@ -138,45 +127,38 @@ def run(argv: list[str]) -> int:
                           f"checkpoint-{step} in {args.output_dir}; resume with --resume_from_checkpoint true",
                           file=sys.stderr, flush=True)
                 return EXIT_PREEMPTED
-            trainer.save_model()
+            with reporting_write_failure(args.output_dir, "the model card README.md"):  # the weights: save_final
+                trainer.save_model()
             trainer.log_metrics("train", train_result.metrics)
-            trainer.save_metrics("train", train_result.metrics)
-            trainer.save_state()
+            with reporting_write_failure(args.output_dir, "train_results.json, all_results.json, trainer_state.json"):
+                trainer.save_metrics("train", train_result.metrics)
+                trainer.save_state()
             summary.train_runtime_s = train_result.metrics.get("train_runtime")
         if data.eval is not None and args.do_eval:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
+            with reporting_write_failure(args.output_dir, "eval_results.json, all_results.json", args.do_train):
+                trainer.save_metrics("eval", metrics)
             if not args.do_train:
                 summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
                 summary.best_student_accuracy = summary.student_accuracy
         if teacher is not None and model_args.evaluate_teacher and data.eval is not None and args.do_eval:
-            teacher_order, teacher_inputs = trainer.teacher_label_order, trainer.teacher_inputs
-            if not args.do_train:  # the teacher against the data's classes, on the inputs it expects
-                check_scored_classes("teacher", teacher.model, raw.id2label, data_args.dataset)
-                teacher_order = teacher_label_order(LabelsOnly(raw.id2label), teacher.model)
-                teacher_inputs = _adapter(student_spec, teacher_spec, student.model, args.device)
-            scores = evaluate_model(TeacherClassifier(teacher.model, teacher_inputs, teacher_order), data, args,
-                                    data.image_processor)
+            scores = trainer.evaluate_teacher()
             summary.teacher_accuracy, summary.teacher_top5 = scores.get("top1"), scores.get("top5")
 
         zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
         if args.do_train and teacher is not None and profile_batch is not None and profile_images > 0 and not zero3:
-            summary.profile_similarity = write_profile_comparison(
-                trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs)
+            with reporting_write_failure(args.output_dir, f"spectral_profiles.json, {PROFILE_PLOT}"):
+                summary.profile_similarity = write_profile_comparison(
+                    trainer, teacher.model, profile_batch[:profile_images], args.output_dir, trainer.teacher_inputs)
         if args.do_train:
             summary.record_training_state(trainer.state)
             summary.record_image_counts(*trainer.image_counter.training_totals())  # every process: a sum over them
         else:
             summary.global_steps, summary.max_steps = 0, 0
-        write_results(summary, trainer, model_args, args, started, card=args.do_train)
-        if args.push_to_hub:
+        results = model_args.results_file or "results.json"
+        with reporting_write_failure(args.output_dir, f"README.md, {results}" if args.do_train else results, args.do_train):
+            write_results(summary, trainer, model_args, args, started, card=args.do_train)
+        if trainer.args.push_to_hub:  # an evaluation alone pushes nothing
             trainer.push_to_hub(commit_message="SpectralKD distilled student")
         return 0
-
-
-def _adapter(student_spec, teacher_spec, student, device) -> Optional[object]:
-    from ..preprocessing import configured_size, teacher_input_adapter
-
-    adapter = teacher_input_adapter(student_spec, teacher_spec, configured_size(student))
-    return adapter.to(device) if adapter is not None else None

@@ -13,7 +13,9 @@ learning rate or batch): without it a resumed run silently continues another run
 the new run's name, or fails deep in the weight loading. Fields that only change how a run is
 watched, saved or fed (logging, output paths, evaluation, DataLoader workers) are
 :data:`NEUTRAL_FIELDS`; ``max_steps`` and ``num_train_epochs`` may grow (a run is continued
-further), and a length that does not reach past the checkpoint's step is refused on its own.
+further), and a length that does not reach past the checkpoint's step is refused on its own, except
+for a run trained to its end whose final student was never written (a full disk at the final save):
+that run is finished from its last checkpoint without training (:mod:`.finished_run`).
 Every other field counts, so an option added later is compared until it is declared neutral.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigurationError
-from ..integrity import CONFIG_FILE, read_json
+from ..integrity import CONFIG_FILE, read_json, saved_model_problems
 from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -193,21 +195,26 @@ class RunRecord:
         })
 
     def check_resume(self, checkpoint: Optional[str], planned_max_steps: Callable[[], tuple[int, Optional[float]]],
-                     is_main_process: bool) -> None:
+                     is_main_process: bool) -> bool:
         """Raise :class:`~hf_spectralkd.errors.ConfigurationError` when resuming from ``checkpoint`` would continue
-        another run, or would not train at all; then, for a run described by :meth:`add` (the recipe's), write
+        another run, or would not train at all, unless the run is at its end without a whole final student in the
+        output folder: then return ``True`` (finish it without training; otherwise ``False``). Then, for a run described by :meth:`add` (the recipe's), write
         the record into the output folder (the Python API's folder holds what it held before: the record is in each
         checkpoint, which ``push_to_hub`` leaves out, and not beside the student it uploads).
 
         ``planned_max_steps``: the optimizer steps the run trains to and the epochs they come from (``None`` for
         ``--max_steps``), as ``Trainer.train`` computes them.
         """
+        finish_only = False
         if checkpoint:
             check_same_run(checkpoint, self.state_dict())
             state, problem = read_json(Path(checkpoint) / TRAINER_STATE_FILE)
             if problem is None and isinstance(state, dict) and isinstance(state.get("global_step"), int):
                 max_steps, epochs = planned_max_steps()
-                problem = resume_length_problem(checkpoint, state["global_step"], state.get("max_steps"), max_steps, epochs)
+                step, saved_max_steps = state["global_step"], state.get("max_steps")
+                finish_only = step >= max_steps == saved_max_steps and bool(saved_model_problems(self.args.output_dir))
+                problem = None if finish_only else resume_length_problem(checkpoint, step, saved_max_steps, max_steps,
+                                                                         epochs)
                 if problem:
                     raise ConfigurationError(problem)
         if self._sections is not None and is_main_process:  # a recipe run: its folder's record
@@ -215,3 +222,4 @@ class RunRecord:
 
             os.makedirs(self.args.output_dir, exist_ok=True)
             write_json_atomic(os.path.join(self.args.output_dir, RUN_CONFIG_FILE), self.state_dict())
+        return finish_only

@@ -33,7 +33,8 @@ from ..preprocessing import (
     spec_from_processor,
     teacher_input_adapter,
 )
-from ..teacher import teacher_label_order
+from ..teacher import check_teacher, stop_if_near_chance, teacher_label_order
+from .scoring import DataClasses
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,13 @@ class ResolvedTeacher:
 
 def resolve_teacher(teacher_model: Union[nn.Module, str, None], student: nn.Module, args: Any, teacher_kwargs: dict,
                     student_inputs: Optional[InputSpec], teacher_inputs: Optional[InputSpec],
-                    processing_class: Any) -> ResolvedTeacher:
-    """The teacher ``args`` needs (see the module docstring); raises ``ConfigurationError`` before any training."""
-    if not args.needs_teacher:
+                    processing_class: Any, classes: Optional[DataClasses] = None) -> ResolvedTeacher:
+    """The teacher ``args`` needs, or the one an evaluation scores (see the module docstring); raises
+    ``ConfigurationError`` before any training or evaluation."""
+    scored_only = not args.do_train  # an evaluation: the teacher is scored, never distilled from
+    if scored_only and teacher_model is None:
+        return ResolvedTeacher()
+    if not args.needs_teacher and not scored_only:
         if teacher_model is not None:
             logger.warning("teacher_model is ignored: distillation_type='none' and no feature loss (beta=0 or no layers)")
         return ResolvedTeacher()
@@ -69,14 +74,34 @@ def resolve_teacher(teacher_model: Union[nn.Module, str, None], student: nn.Modu
         teacher_model = info.model
     if not isinstance(teacher_model, nn.Module):
         raise TypeError(f"teacher_model must be an nn.Module, a Hub id or a folder, got {type(teacher_model).__name__}")
-    if args.uses_features:
+    if args.uses_features and not scored_only:
         model_family(teacher_model)
-    label_order = teacher_label_order(student, teacher_model) if args.uses_teacher_logits else None
+    if scored_only and classes is not None:
+        label_order = classes.order_of("teacher", teacher_model)
+    else:
+        label_order = teacher_label_order(student, teacher_model) if args.uses_teacher_logits or scored_only else None
     teacher_inputs = teacher_inputs or input_spec_of(teacher_model, info.source if info else None, args.teacher_revision,
                                                      mean=args.teacher_image_mean, std=args.teacher_image_std)
     student_inputs = student_inputs or spec_from_processor(processing_class)
     adapter = teacher_input_adapter(student_inputs, teacher_inputs, configured_size(student))
     return ResolvedTeacher(teacher_model, info, adapter, label_order)
+
+
+def check_teacher_before_training(trainer: Any) -> Optional[float]:
+    """``trainer.check_teacher()``: the teacher's top-1 on ``args.teacher_check_images`` evaluation images (``None``
+    when there is nothing to check), recorded in the summary; :class:`TeacherCheckError` near chance."""
+    args = trainer.args
+    if (args.teacher_check_images <= 0 or trainer.teacher is None or not args.uses_teacher_logits
+            or trainer.eval_dataset is None or isinstance(trainer.eval_dataset, dict)):
+        return None
+    top1, scored, classes = check_teacher(
+        trainer.teacher, trainer.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
+        trainer.teacher_inputs, trainer.teacher_label_order, seed=args.seed,
+    )
+    trainer.summary.teacher_check_accuracy = top1
+    num_labels = getattr(trainer.model.config, "num_labels", None) or 1
+    stop_if_near_chance(top1, scored, num_labels, trainer.teacher_inputs, classes)
+    return top1
 
 
 def place_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool, compile_teacher: bool) -> nn.Module:

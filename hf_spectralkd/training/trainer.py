@@ -7,11 +7,11 @@ other inputs, its logits put in the student's class order; one student forward; 
 the tapped hidden states; then :func:`~hf_spectralkd.losses.distillation_objective`. Its three raw
 components are logged as ``loss_ce``, ``loss_kd``, ``loss_fft`` (or ``loss_mse``), averaged over window and processes.
 
-The trainer owns the run's decisions (teacher, input adapter, label order, layer map, run record,
-output folder lock, resume point) and delegates each Trainer override in a few lines to a part it owns:
-:class:`ImageCounter`, :class:`AtomicCheckpointWriter`, :class:`DataOrder`, :class:`DeiTOptimization`,
-:class:`ModelCardWriter`, :class:`RunRecord`, :class:`NonFiniteWatch`, :class:`PreemptionWatch`,
-:class:`OutputDirHold`. The parts' ``state_dict()`` is written into each checkpoint and given back on resume.
+The trainer owns the run's decisions (teacher, input adapter, label order, layer map, what an evaluation alone
+scores, run record, output folder lock, resume point) and delegates each Trainer override in a few lines to a
+part it owns (:mod:`.teacher_setup`, :mod:`.scoring`, :class:`ImageCounter`, :class:`AtomicCheckpointWriter`,
+:class:`DataOrder`, :class:`DeiTOptimization`, :class:`ModelCardWriter`, :class:`RunRecord`, :class:`NonFiniteWatch`,
+:class:`PreemptionWatch`, :class:`OutputDirHold`); the parts' ``state_dict()`` is written into each checkpoint.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from ..models import load_model
 from ..perf import keep_freed_memory
 from ..preprocessing import InputAdapter, InputSpec
 from ..summary import RunSummary
-from ..teacher import check_teacher, run_teacher, stop_if_near_chance
+from ..teacher import TeacherClassifier, run_teacher
 from .data_order import DataOrder
+from .finished_run import finish_from_checkpoint
 from .image_counter import IMAGE_COUNTS_FILE, ImageCounter
 from .model_card import ModelCardWriter
 from .nonfinite import NonFiniteWatch
@@ -47,7 +48,8 @@ from .optimizer import DeiTOptimization
 from .output_dir import OutputDirHold, check_output_dir, clear_previous_run
 from .preemption import ignore_stop_signals_in_workers, take_sigterm_from_jit_checkpoint
 from .run_record import RUN_CONFIG_FILE, RunRecord
-from .teacher_setup import place_teacher, resolve_teacher
+from .scoring import DataClasses, evaluation_only, score_classifier
+from .teacher_setup import check_teacher_before_training, place_teacher, resolve_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +70,15 @@ class SpectralDistillationTrainer(Trainer):
             by default read from ``processing_class`` (the image processor saved with the student).
         teacher_inputs: what the teacher expects; by default ``args.teacher_image_mean/std``, else read
             from the teacher (its image processor when given by id or folder, timm's ``pretrained_cfg``).
+        classes: the data's classes; with ``args.do_train`` false (an evaluation alone) the student and teacher are
+            checked against them and scored in their order (:mod:`.scoring`).
         **kwargs: everything ``transformers.Trainer`` accepts (datasets, collator, callbacks, ...).
             ``compute_metrics`` defaults to top-1/top-5 accuracy and the collator to
             :class:`~hf_spectralkd.data.ImageClassificationCollator`.
 
     Raises:
-        ConfigurationError (a ``ValueError``): before training, for a missing or unsupported teacher, layer lists
-            of different lengths or out of range, paired layers of different spatial size, or teacher and student
-            with different numbers of classes.
+        ConfigurationError (a ``ValueError``): before training, for a missing or unsupported teacher, layer lists of
+            different lengths or out of range, paired layers of different sizes, or models with other classes.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation
@@ -87,7 +90,7 @@ class SpectralDistillationTrainer(Trainer):
                  args: Optional[SpectralDistillationConfig] = None, teacher_kwargs: Optional[dict[str, Any]] = None,
                  layer_map: Optional[list[LayerPair]] = None, summary: Optional[RunSummary] = None,
                  student_inputs: Optional[InputSpec] = None, teacher_inputs: Optional[InputSpec] = None,
-                 **kwargs: Any) -> None:
+                 classes: Optional[DataClasses] = None, **kwargs: Any) -> None:
         args = SpectralDistillationConfig(output_dir="spectralkd_output") if args is None else args
         if not isinstance(args, SpectralDistillationConfig):
             raise TypeError(f"args must be a SpectralDistillationConfig, got {type(args).__name__}")
@@ -98,15 +101,15 @@ class SpectralDistillationTrainer(Trainer):
             if isinstance(model, str) else None
         model = student_info.model if student_info else model
         teacher = resolve_teacher(teacher_model, model, args, teacher_kwargs or {}, student_inputs, teacher_inputs,
-                                  kwargs.get("processing_class"))
+                                  kwargs.get("processing_class"), classes)
+        model, args = evaluation_only(model, args, classes, summary)
         kwargs.setdefault("data_collator", ImageClassificationCollator())
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = topk_accuracy
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         # Checked before Trainer.__init__, which may already contact the Hub.
-        if layer_map is None:
-            layer_map = resolve_layer_map(model, teacher.model, args, _sample_images(args, kwargs), teacher.adapter)
-        self.layer_map: list[LayerPair] = list(layer_map)
+        self.layer_map: list[LayerPair] = list(layer_map if layer_map is not None else resolve_layer_map(
+            model, teacher.model, args, _sample_images(args, kwargs), teacher.adapter))
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # never pass num_items_in_batch to the student
         if args.cpu_malloc_tuning and self.args.device.type == "cpu":
@@ -116,8 +119,8 @@ class SpectralDistillationTrainer(Trainer):
                         args.feature_loss, args.beta, [p.student for p in self.layer_map],
                         [p.teacher for p in self.layer_map])
         self.teacher = place_teacher(teacher.model, self.accelerator, self.is_deepspeed_enabled, args.teacher_compile) \
-            if teacher.model is not None else None
-        self.teacher_label_order = teacher.label_order
+            if teacher.model is not None and args.needs_teacher else None
+        self._teacher_model, self.teacher_label_order = teacher.model, teacher.label_order
         self.teacher_inputs: Optional[InputAdapter] = teacher.adapter.to(args.device) if teacher.adapter else None
         self.summary = summary or RunSummary.describe(
             args, model, teacher.model, self.layer_map, student_source=student_info.source if student_info else None,
@@ -149,17 +152,13 @@ class SpectralDistillationTrainer(Trainer):
 
         Returns the top-1 (``None`` when there is nothing to check).
         """
-        args = self.args
-        if (args.teacher_check_images <= 0 or self.teacher is None or not args.uses_teacher_logits
-                or self.eval_dataset is None or isinstance(self.eval_dataset, dict)):
-            return None
-        top1, scored, classes = check_teacher(
-            self.teacher, self.eval_dataset, args.teacher_check_images, args.device, args.per_device_eval_batch_size,
-            self.teacher_inputs, self.teacher_label_order, seed=args.seed,
-        )
-        self.summary.teacher_check_accuracy = top1
-        stop_if_near_chance(top1, scored, getattr(self.model.config, "num_labels", None) or 1, self.teacher_inputs, classes)
-        return top1
+        return check_teacher_before_training(self)
+
+    def evaluate_teacher(self) -> dict[str, float]:
+        """Top-1/top-5 of the teacher (``{}`` without one) on the evaluation split, on the inputs it expects and
+        in the student's (or, evaluating alone, the data's) class order."""
+        return score_classifier(self, TeacherClassifier(self._teacher_model, self.teacher_inputs,
+                                                        self.teacher_label_order)) if self._teacher_model else {}
 
     def holding_output_dir(self):
         """``with trainer.holding_output_dir():`` keeps the output folder's lock for a whole run (train, final save,
@@ -171,8 +170,8 @@ class SpectralDistillationTrainer(Trainer):
 
         ``resume_from_checkpoint``: ``True``/``"true"`` resumes from the newest checkpoint that verifies (a damaged
         newer one is skipped with a warning), a path must verify. A checkpoint of a run configured differently,
-        or one at or past ``max_steps``, is refused before any step (:meth:`RunRecord.check_resume`). With
-        ``overwrite_output_dir`` the previous run in the folder is removed, under the lock.
+        or one at or past ``max_steps``, is refused before any step (:meth:`RunRecord.check_resume`), unless the run's
+        final student is missing (then loaded, untrained: :mod:`.finished_run`); ``overwrite_output_dir`` clears it.
         """
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         check_output_dir(self.args.output_dir, self.args.overwrite_output_dir, checkpoint)
@@ -181,8 +180,9 @@ class SpectralDistillationTrainer(Trainer):
             try:
                 if self.args.overwrite_output_dir and lock_holder:  # the main process, sure no other run uses it
                     clear_previous_run(self.args.output_dir)
-                self.run_record.check_resume(checkpoint, self._planned_max_steps, self.is_world_process_zero())
                 self._checkpoints.restore(checkpoint)
+                if self.run_record.check_resume(checkpoint, self._planned_max_steps, self.is_world_process_zero()):
+                    return finish_from_checkpoint(self, checkpoint)  # trained to its end; its final save had failed
                 self._data_order.resume(self.train_dataset, checkpoint)
                 if self._preemption is not None:
                     self._preemption.install()
