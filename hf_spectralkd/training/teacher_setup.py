@@ -9,7 +9,9 @@ and the order that puts the teacher's logits in the student's classes (:mod:`~hf
 * single device / DDP: ``accelerator.prepare_model(teacher, evaluation_mode=True)`` (device
   placement and the trainer's autocast, no DDP wrapper);
 * DeepSpeed: its own inference engine, ZeRO-3 sharded when training is ZeRO-3, otherwise stage 0
-  (a replica), as TRL does.
+  (a replica), as TRL does;
+* FSDP2: sharded block by block with ``fully_shard`` (:mod:`.teacher_sharding`), then
+  ``prepare_model`` as above for the autocast (it neither moves nor wraps a model under FSDP).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..preprocessing import (
     teacher_input_adapter,
 )
 from ..teacher import teacher_label_order
+from .teacher_sharding import shard_teacher_like_student
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ def place_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool, compile
     teacher.eval().requires_grad_(False)
     if deepspeed:
         return _deepspeed_teacher(teacher, accelerator)
+    if accelerator.is_fsdp2:
+        teacher = shard_teacher_like_student(teacher, accelerator)
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     # With --torch_compile, prepare_model has compiled the teacher already; compiling it again would
     # only return its forward as a function.
