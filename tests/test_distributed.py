@@ -177,3 +177,12 @@ def test_fsdp_where_it_cannot_run_is_refused_in_one_line_before_any_data(case, t
     code, err = run_and_capture(main, argv, capsys)
     assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
     assert not out.exists()  # nothing loaded, nothing written
+
+
+def test_the_fsdp2_gpu_case_says_in_one_line_that_it_needs_cuda():
+    """bench/fsdp2_case.py (the FSDP2 training path: 50 steps, checkpoints, resume) runs in the GPU suite only."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fsdp2_case.py")], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "fsdp2_case: needs CUDA GPUs (FSDP runs on accelerators only) and found none; nothing was run\n"

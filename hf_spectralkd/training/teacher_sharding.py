@@ -15,9 +15,12 @@ the Trainer only knows the student.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def teacher_blocks(model: nn.Module) -> list[nn.Module]:
@@ -59,7 +62,12 @@ def shard_teacher_like_student(teacher: nn.Module, accelerator: Any) -> nn.Modul
     mesh = getattr(accelerator, "torch_device_mesh", None)
     if mesh is not None:
         mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
-    return shard_teacher(teacher, mesh, accelerator.state.fsdp_plugin.mixed_precision_policy)
+    whole = sum(p.numel() for p in teacher.parameters())
+    units = len(teacher_blocks(teacher)) + 1
+    teacher = shard_teacher(teacher, mesh, accelerator.state.fsdp_plugin.mixed_precision_policy)
+    logger.info("Teacher sharded with FSDP2 in %d units: this process holds %s of its %s parameters", units,
+                f"{local_numel(teacher):,}", f"{whole:,}")
+    return teacher
 
 
 def local_numel(model: nn.Module) -> int:
