@@ -158,6 +158,8 @@ def test_teacher_blocks_follow_no_split_modules_else_the_encoder_layers():
 def test_fsdp_where_it_cannot_run_is_refused_in_one_line_before_any_data(case, tmp_path, capsys, monkeypatch):
     """transformers' Trainer would train as DDP under --use_cpu without a word, stop without a GPU after the data has
     loaded, and accelerate's FSDP1 leaves the teacher on the CPU: the recipe refuses each while parsing (exit 2)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
     from helpers import run_and_capture
 
     from hf_spectralkd.cli import main
@@ -169,8 +171,11 @@ def test_fsdp_where_it_cannot_run_is_refused_in_one_line_before_any_data(case, t
         argv.append("--fsdp")
         expected = "error: fsdp: FSDP needs CUDA devices and this run has none (no GPU); on CPU train with DDP"
     else:
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --config_file <FSDP yaml> sets
-        monkeypatch.setenv("FSDP_VERSION", "2" if case == "use_cpu" else "1")
+        # What accelerate launch --config_file sets for an FSDP config: the shipped one, or the same as FSDP1.
+        shipped = load_config_from_file(str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml"))
+        assert shipped.distributed_type == DistributedType.FSDP
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", str(shipped.fsdp_config["fsdp_version"]) if case == "use_cpu" else "1")
         expected = ("error: accelerate launch (an FSDP config: ACCELERATE_USE_FSDP=true): " + (
             "FSDP needs CUDA devices and this run has none (use_cpu)" if case == "use_cpu"
             else "FSDP version 1 is not supported (the teacher is sharded with FSDP2)"))
