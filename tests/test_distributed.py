@@ -131,7 +131,7 @@ def test_a_finished_recipe_tears_its_process_group_down(tmp_path, monkeypatch):
 def test_fsdp2_teacher_is_sharded_in_halves_and_computes_what_the_whole_teacher_does(tmp_path):
     """place_teacher under FSDP2 on 2 gloo processes: logits and every tapped map equal the unsharded teacher's
     (ViT: embeddings and layers as units; Swin: stages), each rank holds about half of the parameters, and the
-    teacher stays frozen in eval mode."""
+    teacher stays frozen in eval mode and out of accelerate's prepared models (the stub refuses prepare_model)."""
     ranks = run_two_processes(tmp_path, script=SHARD_SCRIPT)
     for family, units, taps in (("vit", 5, 2), ("swin", 4, 3)):  # ViT: embeddings, 3 layers, root; Swin: 3 stages, root
         first, second = ranks[0][family], ranks[1][family]
