@@ -8,9 +8,11 @@ soft KD, FFT feature loss.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
+import torch
 from transformers import TrainingArguments
 
 from .errors import ConfigurationError
@@ -308,6 +310,7 @@ class SpectralDistillationConfig(TrainingArguments):
             raise
         except ValueError as error:  # TrainingArguments' own checks are about the user's options too
             raise ConfigurationError(str(error).strip().splitlines()[0]) from error
+        self._check_fsdp()
         if self.scale_lr:
             # Idempotent: dataclasses.replace() runs __post_init__ again with base_learning_rate already set.
             if self.base_learning_rate is None:
@@ -338,6 +341,27 @@ class SpectralDistillationConfig(TrainingArguments):
             raise ConfigurationError(
                 f"num_train_epochs must be a positive number of epochs, got {self.num_train_epochs} (or pass --max_steps "
                 "N to train N optimizer steps)"
+            )
+
+    def _check_fsdp(self) -> None:
+        """FSDP asked for by ``--fsdp`` or by ``accelerate launch`` (recipes/accelerate/fsdp2.yaml) runs as FSDP2 on
+        CUDA devices or not at all. transformers' Trainer does not shard on CPU: with ``use_cpu`` it trains as DDP
+        without a word, without a GPU it stops in ``Trainer.__init__``, after the data has loaded; and FSDP1 leaves
+        the teacher on the CPU (accelerate neither moves nor shards a model prepared for evaluation under FSDP)."""
+        launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if not (self.fsdp or launcher):
+            return
+        source = "fsdp" if self.fsdp else "accelerate launch (an FSDP config: ACCELERATE_USE_FSDP=true)"
+        version = (self.fsdp_plugin_args or {}).get("fsdp_version") if self.fsdp else os.environ.get("FSDP_VERSION", "1")
+        if str(version) != "2":
+            raise ConfigurationError(
+                f"{source}: FSDP version {version} is not supported (the teacher is sharded with FSDP2); set "
+                "fsdp_version: 2 (recipes/accelerate/fsdp2.yaml) or fsdp_config version 2"
+            )
+        if self.use_cpu or not torch.cuda.is_available():
+            raise ConfigurationError(
+                f"{source}: FSDP needs CUDA devices and this run has none ({'use_cpu' if self.use_cpu else 'no GPU'}); "
+                "on CPU train with DDP (torchrun --nproc_per_node N ... --use_cpu) and without FSDP"
             )
 
     @property

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) under torchrun: plain DDP and DeepSpeed ZeRO-2."""
+"""Two CPU processes (gloo) under torchrun: plain DDP, DeepSpeed ZeRO-2 and ZeRO-3, the teacher sharded with FSDP2."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import hf_spectralkd  # noqa: F401  (registers the Lift and WideLast students wi
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "dist_train.py"
+SHARD_SCRIPT = ROOT / "tests" / "scripts" / "shard_teacher.py"
 
 
 def free_port() -> int:
@@ -25,10 +26,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(out: Path, *extra: str) -> list[dict]:
+def run_two_processes(out: Path, *extra: str, script: Path = SCRIPT) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(SCRIPT), "--out", str(out), *extra]
+               "--master_port", str(free_port()), str(script), "--out", str(out), *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -124,3 +125,69 @@ def test_a_finished_recipe_tears_its_process_group_down(tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_teacher_is_sharded_in_halves_and_computes_what_the_whole_teacher_does(tmp_path):
+    """place_teacher under FSDP2 on 2 gloo processes: logits and every tapped map equal the unsharded teacher's
+    (ViT: embeddings and layers as units; Swin: stages), each rank holds about half of the parameters, and the
+    teacher stays frozen in eval mode and out of accelerate's prepared models (the stub refuses prepare_model)."""
+    ranks = run_two_processes(tmp_path, script=SHARD_SCRIPT)
+    for family, units, taps in (("vit", 5, 2), ("swin", 4, 3)):  # ViT: embeddings, 3 layers, root; Swin: 3 stages, root
+        first, second = ranks[0][family], ranks[1][family]
+        for rank in (first, second):
+            assert rank["logits_max_diff"] == 0.0 and rank["maps_max_diff"] == [0.0] * taps
+            assert rank["units"] == units and rank["sharded"]
+            assert not rank["training"] and not rank["requires_grad"]
+            assert 0.45 < rank["local_numel"] / rank["whole_numel"] < 0.55
+        assert first["local_numel"] + second["local_numel"] == first["whole_numel"]  # every element held once
+
+
+def test_teacher_blocks_follow_no_split_modules_else_the_encoder_layers():
+    from helpers import tiny_cait, tiny_swin, tiny_vit
+
+    from hf_spectralkd.training.teacher_sharding import teacher_blocks
+    vit, swin, cait = tiny_vit(layers=3), tiny_swin(), tiny_cait(depth=4)
+    assert [type(b).__name__ for b in teacher_blocks(vit)] == ["ViTEmbeddings"] + ["ViTLayer"] * 3
+    assert teacher_blocks(swin) == list(swin.swin.encoder.layers)  # SwinStage, one per stage
+    # TimmWrapper lists only its whole backbone: the longest uniform stack (CaiT's 4 blocks, not its 1 class block).
+    assert teacher_blocks(cait) == list(cait.timm_model.blocks)
+
+
+@pytest.mark.parametrize("case", ["fsdp_flag", "use_cpu", "fsdp1"])
+def test_fsdp_where_it_cannot_run_is_refused_in_one_line_before_any_data(case, tmp_path, capsys, monkeypatch):
+    """transformers' Trainer would train as DDP under --use_cpu without a word, stop without a GPU after the data has
+    loaded, and accelerate's FSDP1 leaves the teacher on the CPU: the recipe refuses each while parsing (exit 2)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+    from helpers import run_and_capture
+
+    from hf_spectralkd.cli import main
+    out = tmp_path / "run"
+    argv = ["distill", "demo", "--output_dir", str(out), "--report_to", "none"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    argv += [] if case == "use_cpu" else ["--use_cpu", "false"]  # the demo config sets use_cpu: true
+    if case == "fsdp_flag":
+        argv.append("--fsdp")
+        expected = "error: fsdp: FSDP needs CUDA devices and this run has none (no GPU); on CPU train with DDP"
+    else:
+        # What accelerate launch --config_file sets for an FSDP config: the shipped one, or the same as FSDP1.
+        shipped = load_config_from_file(str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml"))
+        assert shipped.distributed_type == DistributedType.FSDP
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", str(shipped.fsdp_config["fsdp_version"]) if case == "use_cpu" else "1")
+        expected = ("error: accelerate launch (an FSDP config: ACCELERATE_USE_FSDP=true): " + (
+            "FSDP needs CUDA devices and this run has none (use_cpu)" if case == "use_cpu"
+            else "FSDP version 1 is not supported (the teacher is sharded with FSDP2)"))
+    code, err = run_and_capture(main, argv, capsys)
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    assert not out.exists()  # nothing loaded, nothing written
+
+
+def test_the_fsdp2_gpu_case_says_in_one_line_that_it_needs_cuda():
+    """bench/fsdp2_case.py (the FSDP2 training path: 50 steps, checkpoints, resume) runs in the GPU suite only."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fsdp2_case.py")], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "fsdp2_case: needs CUDA GPUs (FSDP runs on accelerators only) and found none; nothing was run\n"

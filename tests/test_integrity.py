@@ -139,6 +139,44 @@ def test_missing_and_unloadable_files_of_a_checkpoint_are_each_reported(finished
     assert problems[1:] == ["rng_state.pth is truncated (the end of its zip archive is missing)", "scheduler.pt is missing"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_fsdp_checkpoint_files_are_checked_as_the_trainer_reads_them(tmp_path):
+    """Under FSDP, FULL_STATE_DICT checkpoints add accelerate's gathered student and optimizer state
+    (pytorch_model_fsdp.bin, optimizer.bin), which a resume reads with torch.load: a cut one is reported by that load,
+    as optimizer.pt is. SHARDED_STATE_DICT keeps both in torch.distributed.checkpoint folders, with no
+    model.safetensors: whole, they verify; a changed shard is caught by the manifest."""
+    import torch.distributed.checkpoint as dcp
+    from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+
+    from hf_spectralkd.checkpointing import write_manifest
+    model = tiny_vit(num_labels=3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    optimizer.step()
+    full = tmp_path / "full" / "checkpoint-2"
+    model.save_pretrained(full)
+    torch.save(model.state_dict(), full / f"{FSDP_MODEL_NAME}.bin")
+    torch.save(optimizer.state_dict(), full / f"{OPTIMIZER_NAME}.bin")
+    (full / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    write_manifest(str(full))
+    assert verify_checkpoint(full) == []
+    for name in (f"{FSDP_MODEL_NAME}.bin", f"{OPTIMIZER_NAME}.bin"):
+        cut = copy_run(full, tmp_path / name / "checkpoint-2")
+        truncate(cut / name)
+        assert verify_checkpoint(cut) == [f"{name} is truncated (the end of its zip archive is missing)"]
+
+    sharded = tmp_path / "sharded" / "checkpoint-2"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=sharded / f"{FSDP_MODEL_NAME}_0")
+    dcp.save({"optimizer": optimizer.state_dict()["state"]}, checkpoint_id=sharded / f"{OPTIMIZER_NAME}_0")
+    (sharded / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    write_manifest(str(sharded))
+    assert not (sharded / "model.safetensors").exists() and verify_checkpoint(sharded) == []
+    shard = next((sharded / f"{FSDP_MODEL_NAME}_0").glob("*.distcp"))
+    flip_byte(shard)
+    name = shard.relative_to(sharded).as_posix()
+    assert verify_checkpoint(sharded) == [f"{name} has changed since it was saved (its SHA-256 differs from {MANIFEST_FILE})"]
+
+
 def test_verify_command_reports_each_checkpoint_and_exits_by_the_newest(finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path / "run")
     assert cli_main(["verify", str(run)]) == 0

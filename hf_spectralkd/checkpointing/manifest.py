@@ -27,8 +27,13 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "checkpoint_manifest.json"
 TRAINER_STATE_FILE = "trainer_state.json"
-#: Files the Trainer reloads with ``torch.load(weights_only=True)`` on resume (rng_state_<rank>.pth under DDP).
-_TORCH_STATE_PATTERN = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+#: Files the Trainer reloads with ``torch.load(weights_only=True)`` on resume: rng_state_<rank>.pth under DDP;
+#: under FSDP with FULL_STATE_DICT, accelerate's gathered student and optimizer state (pytorch_model_fsdp.bin,
+#: optimizer.bin; ``_<i>`` for a second model). SHARDED_STATE_DICT writes folders (pytorch_model_fsdp_0/,
+#: optimizer_0/: torch.distributed.checkpoint), covered by the manifest.
+_TORCH_STATE_PATTERN = re.compile(
+    r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|(pytorch_model_fsdp|optimizer)(_\d+)?\.bin)$"
+)
 _CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 

@@ -9,7 +9,9 @@ and the order that puts the teacher's logits in the student's classes (:mod:`~hf
 * single device / DDP: ``accelerator.prepare_model(teacher, evaluation_mode=True)`` (device
   placement and the trainer's autocast, no DDP wrapper);
 * DeepSpeed: its own inference engine, ZeRO-3 sharded when training is ZeRO-3, otherwise stage 0
-  (a replica), as TRL does.
+  (a replica), as TRL does;
+* FSDP2: sharded block by block with ``fully_shard`` (:mod:`.teacher_sharding`) in the student's precision,
+  and kept out of accelerate's list of models.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..preprocessing import (
 )
 from ..teacher import check_teacher, stop_if_near_chance, teacher_label_order
 from .scoring import DataClasses
+from .teacher_sharding import shard_teacher_like_student
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,14 @@ def place_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool, compile
     teacher.eval().requires_grad_(False)
     if deepspeed:
         return _deepspeed_teacher(teacher, accelerator)
-    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    if accelerator.is_fsdp2:
+        # Not through prepare_model: under FSDP it would add only autocast (the student's mixed-precision policy,
+        # given to the teacher, casts already) and list the teacher among accelerate's models, whose FSDP
+        # clip_grad_norm_ compares each one's parameter list with the student's: a teacher with as many
+        # parameter tensors as the student makes that comparison raise.
+        teacher = shard_teacher_like_student(teacher, accelerator)
+    else:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     # With --torch_compile, prepare_model has compiled the teacher already; compiling it again would
     # only return its forward as a function.
     if compile_teacher and not hasattr(teacher, "_orig_mod"):
