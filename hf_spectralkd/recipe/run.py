@@ -35,6 +35,7 @@ from .report import (
     evaluate_model,
     spectral_extras,
     with_student_preprocessing,
+    write_eval_predictions,
     write_profile_comparison,
     write_results,
 )
@@ -147,8 +148,9 @@ def run(argv: list[str]) -> int:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
+            write_eval_predictions(trainer, args.output_dir)  # per image: what ablate pairs runs by
             if not args.do_train:
-                summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
+                summary.record_evaluation(metrics)
                 summary.best_student_accuracy = summary.student_accuracy
         if teacher is not None and model_args.evaluate_teacher and data.eval is not None and args.do_eval:
             teacher_order, teacher_inputs = trainer.teacher_label_order, trainer.teacher_inputs
