@@ -15,6 +15,7 @@ from transformers import ViTImageProcessor
 
 from hf_spectralkd.cli import build_parser, main
 from hf_spectralkd.cli.ablate import build_parser as build_ablate_parser
+from hf_spectralkd.errors import ConfigurationError
 from hf_spectralkd.metrics import load_predictions
 
 
@@ -275,3 +276,19 @@ def test_top_level_help_lists_every_subcommand_with_a_one_line_purpose(capsys):
         assert len(entry) == 1, name
         purpose = entry[0].split(None, 1)[1:]  # the purpose is on the name's own line
         assert purpose and len(purpose[0]) > 30 and purpose[0][0].isupper(), entry
+
+
+def test_evaluate_matches_the_models_classes_to_the_datas_by_name(tmp_path, imagefolder, capsys):
+    from hf_spectralkd.cli.evaluate_model import data_class_of_outputs
+
+    data = {0: "a", 1: "b", 2: "c"}
+    # model outputs in another order, one class the data lacks (-1: never counted right)
+    assert data_class_of_outputs({0: "C", 1: "x", 2: "a", 3: "b"}, data).tolist() == [2, -1, 0, 1]
+    assert data_class_of_outputs({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, data).tolist() == [0, 1, 2]
+    with pytest.raises(ConfigurationError, match="model: its 2 classes have no names and the data has 3"):
+        data_class_of_outputs({0: "LABEL_0", 1: "LABEL_1"}, data)
+    with pytest.raises(ConfigurationError, match=r"model: none of the data's classes \('a', 'b', 'c'\) is among the model's"):
+        data_class_of_outputs({0: "dog", 1: "cat"}, data)
+    assert main(["evaluate", str(tmp_path / "missing"), "--dataset", imagefolder]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model: cannot load '{tmp_path / 'missing'}' as an image classifier") and err.count("\n") == 1

@@ -76,20 +76,22 @@ def run(options) -> int:
     from transformers import pipeline
 
     from ..data import DataArguments, decode_image, open_image_datasets
+    from ..integrity import first_line
     from ..metrics import TOP_K, load_metric
 
     if options.batch_size <= 0:
         raise ConfigurationError(f"batch_size: must be positive, got {options.batch_size}")
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # before the data: a wrong model id stops at once
+        classifier = pipeline("image-classification", model=options.model, device=device, revision=options.revision,
+                              trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"model: cannot load '{options.model}' as an image classifier: {first_line(error)} "
+                                 "(expected a local model folder or a Hub id; set HF_TOKEN for gated ones)") from error
     data_args = DataArguments(dataset=options.dataset, eval_split=options.split, image_column=options.image_column,
                               label_column=options.label_column, max_eval_samples=options.max_eval_samples)
     raw = open_image_datasets(data_args, train=False)
     split = raw.eval.cast_column(options.image_column, datasets.Image(decode=False))
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        classifier = pipeline("image-classification", model=options.model, device=device, revision=options.revision,
-                              trust_remote_code=options.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigurationError(f"model: cannot load '{options.model}' as an image classifier: {error}") from error
     to_data = data_class_of_outputs(classifier.model.config.id2label, raw.id2label)
 
     labels, top_k, skipped = [], [], 0
