@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--revision", default=None, help="Model revision (branch, tag or commit) on the Hub.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the Hub to run (off by default).")
     parser.add_argument("--output_file", default=None, help="Also write the scores to this JSON file.")
+    parser.add_argument("--teacher", default=None,
+                        help="Also run this classifier (e.g. the teacher) on the same images through its own pipeline, and "
+                             "report top-1 agreement and mean KL(teacher ‖ model) (classes matched by name).")
 
 
 def data_class_of_outputs(model_id2label: dict, data_id2label: dict[int, str]) -> np.ndarray:
@@ -70,24 +73,42 @@ def data_class_of_outputs(model_id2label: dict, data_id2label: dict[int, str]) -
     return to_data
 
 
+def _pipeline(model: str, options, argument: str):
+    from transformers import pipeline
+
+    from ..integrity import first_line
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return pipeline("image-classification", model=model, device=device, revision=options.revision,
+                        trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"{argument}: cannot load '{model}' as an image classifier: {first_line(error)} "
+                                 "(expected a local model folder or a Hub id; set HF_TOKEN for gated ones)") from error
+
+
+def _logits(classifier, images) -> torch.Tensor:
+    """``B×K`` logits of ``images`` as the pipeline computes them (its ``preprocess`` and ``forward``)."""
+    inputs = [classifier.preprocess(image) for image in images]
+    return classifier.forward({key: torch.cat([one[key] for one in inputs]) for key in inputs[0]})["logits"].float()
+
+
 def run(options) -> int:
     import datasets
     from tqdm.auto import tqdm
-    from transformers import pipeline
 
     from ..data import DataArguments, decode_image, open_image_datasets
-    from ..integrity import first_line
     from ..metrics import TOP_K, load_metric
+    from ..teacher import teacher_label_order
 
     if options.batch_size <= 0:
         raise ConfigurationError(f"batch_size: must be positive, got {options.batch_size}")
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:  # before the data: a wrong model id stops at once
-        classifier = pipeline("image-classification", model=options.model, device=device, revision=options.revision,
-                              trust_remote_code=options.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigurationError(f"model: cannot load '{options.model}' as an image classifier: {first_line(error)} "
-                                 "(expected a local model folder or a Hub id; set HF_TOKEN for gated ones)") from error
+    # The models before the data: a wrong id stops at once.
+    classifier = _pipeline(options.model, options, "model")
+    teacher = _pipeline(options.teacher, options, "teacher") if options.teacher else None
+    # the teacher's logits in the model's class order (as in distillation; refuses label sets that differ)
+    teacher_order = teacher_label_order(classifier.model, teacher.model) if teacher is not None else None
+    agreement = load_metric("agreement") if teacher is not None else None
     data_args = DataArguments(dataset=options.dataset, eval_split=options.split, image_column=options.image_column,
                               label_column=options.label_column, max_eval_samples=options.max_eval_samples)
     raw = open_image_datasets(data_args, train=False)
@@ -102,22 +123,30 @@ def run(options) -> int:
         kept = [(image, label) for image, label in zip(images, rows[options.label_column]) if image is not None]
         skipped += len(images) - len(kept)
         if kept:
-            inputs = [classifier.preprocess(image) for image, _ in kept]
-            batch = {key: torch.cat([one[key] for one in inputs]) for key in inputs[0]}
-            logits = classifier.forward(batch)["logits"].float()
+            logits = _logits(classifier, [image for image, _ in kept])
             top_k.append(to_data[logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices.cpu().numpy()])
             labels += [label for _, label in kept]
+            if teacher is not None:
+                teacher_logits = _logits(teacher, [image for image, _ in kept])
+                if teacher_order is not None:
+                    teacher_logits = teacher_logits[:, teacher_order.to(teacher_logits.device)]
+                agreement.add_batch(predictions=logits.cpu().numpy(), references=teacher_logits.cpu().numpy())
         bar.update(len(images))
     bar.close()
     if not labels:
         raise ConfigurationError(f"dataset: no decodable image in split '{options.split}' of '{options.dataset}'")
     scores = load_metric("accuracy_topk").compute(predictions=np.concatenate(top_k), references=np.asarray(labels))
+    if agreement is not None:
+        scores.update(agreement.compute())
     report = {"model": options.model, "dataset": options.dataset, "split": raw.eval_split, "images": len(labels),
               "skipped_images": skipped, **{f"eval_{name}": value for name, value in scores.items()}}
     for name in ("top1", "top5"):
         if name in scores:
             print(f"{name}: {100 * scores[name]:.2f} % (95 % CI {100 * scores[f'{name}_ci_low']:.2f}–"
                   f"{100 * scores[f'{name}_ci_high']:.2f} %)")
+    if agreement is not None:
+        print(f"agreement with {options.teacher}: {100 * scores['agreement']:.2f} % of top-1 predictions, "
+              f"mean KL(teacher ‖ model) {scores['kl']:.4f} nats")
     print(f"on {len(labels):,} images of {options.dataset} [{raw.eval_split}]"
           + (f"; {skipped:,} could not be decoded and are not counted" if skipped else ""))
     if options.output_file:
