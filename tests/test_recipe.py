@@ -81,8 +81,9 @@ def test_evaluate_only_scores_a_saved_student_as_pipeline_does(saved_models, tmp
     files = sorted((Path(data) / "validation").rglob("*.png"))
 
     def logits_by_name(model):  # per image, {class name: logit}, from the pipeline as users call it
+        # batched: one image per forward took 8-30 s here for 210 images on 2 busy cores, 64 per forward 1 s
         outputs = pipeline("image-classification", model=str(model))([Image.open(f) for f in files], top_k=3,
-                                                                       function_to_apply="none")
+                                                                       function_to_apply="none", batch_size=64)
         return [{entry["label"]: entry["score"] for entry in output} for output in outputs]
 
     student_logits = logits_by_name(trained)
