@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "accelerate==1.15.0",
     "timm==1.0.31",
     "huggingface_hub==2.4.0",
+    "evaluate>=0.4.6,<0.5",  # the metrics are evaluate modules shipped in the package (hf_spectralkd/metrics)
     "jinja2>=3.0",  # model cards are rendered from a template (huggingface_hub's ModelCard.from_template)
     "safetensors>=0.4",
     "pyyaml>=6.0",
@@ -45,7 +46,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_spectralkd", "hf_spectralkd.*"]),
-    package_data={"hf_spectralkd": ["templates/*.md", "configs/*.yaml", "students/*.py"]},
+    package_data={"hf_spectralkd": ["templates/*.md", "configs/*.yaml", "students/*.py", "metrics/*/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["hf-spectralkd=hf_spectralkd.cli:main"]},

@@ -34,8 +34,11 @@ def _is_hub_id(name: Optional[str]) -> bool:
     return bool(name) and "/" in name and not name.startswith("demo:")
 
 
-def _percent(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
+def _percent(value: Optional[float], interval: Optional[list[float]] = None) -> str:
+    """``73.20 %``, with its bootstrap interval when there is one: ``73.20 % (95 % CI 72.81–73.59 %)``."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f} %" + (f" (95 % CI {100 * interval[0]:.2f}–{100 * interval[1]:.2f} %)" if interval else "")
 
 
 def _card_data(summary: RunSummary, model_name: str) -> ModelCardData:
@@ -79,8 +82,8 @@ def build_model_card(
         student_parameters=f"{summary.student_parameters:,}",
         teacher_parameters=f"{summary.teacher_parameters:,}" if summary.teacher_parameters else "n/a",
         teacher_top1=_percent(summary.teacher_accuracy),
-        student_top1=_percent(summary.student_accuracy),
-        student_top5=_percent(summary.student_top5),
+        student_top1=_percent(summary.student_accuracy, summary.student_top1_ci),
+        student_top5=_percent(summary.student_top5, summary.student_top5_ci),
         best_top1=_percent(summary.best_student_accuracy),
         epochs=f"{summary.epochs:.4g}" if summary.epochs is not None else summary.num_train_epochs,
         steps=summary.global_steps if summary.global_steps is not None else "n/a",

@@ -90,6 +90,9 @@ class RunSummary:
     teacher_top5: Optional[float] = None
     student_accuracy: Optional[float] = None
     student_top5: Optional[float] = None
+    # 95 % percentile-bootstrap intervals over the evaluation images, [low, high] (hf_spectralkd.metrics)
+    student_top1_ci: Optional[list[float]] = None
+    student_top5_ci: Optional[list[float]] = None
     best_student_accuracy: Optional[float] = None
     global_steps: Optional[int] = None
     epochs: Optional[float] = None
@@ -161,15 +164,21 @@ class RunSummary:
     def distilled(self) -> bool:
         return self.teacher is not None
 
+    def record_evaluation(self, metrics: dict[str, float]) -> None:
+        """The student's accuracies, their intervals and image counts from one evaluation's ``eval_*`` metrics."""
+        self.student_accuracy, self.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
+        self.student_top1_ci, self.student_top5_ci = (
+            [metrics[f"eval_{name}_ci_low"], metrics[f"eval_{name}_ci_high"]] if f"eval_{name}_ci_low" in metrics else None
+            for name in ("top1", "top5"))
+        self.eval_images = metrics.get("eval_images", self.eval_images)
+        self.eval_skipped_images = metrics.get("eval_skipped_images", self.eval_skipped_images)
+
     def record_training_state(self, state) -> None:
         """Steps, epochs and the student's accuracies so far, from a ``TrainerState``."""
         evaluations = [entry for entry in state.log_history if "eval_top1" in entry]
         if evaluations:
-            self.student_accuracy = evaluations[-1]["eval_top1"]
-            self.student_top5 = evaluations[-1].get("eval_top5")
+            self.record_evaluation(evaluations[-1])
             self.best_student_accuracy = max(entry["eval_top1"] for entry in evaluations)
-            self.eval_images = evaluations[-1].get("eval_images", self.eval_images)
-            self.eval_skipped_images = evaluations[-1].get("eval_skipped_images", self.eval_skipped_images)
         trained = [entry for entry in state.log_history if "train_images" in entry]
         if trained:  # the totals at the last log; record_image_counts gives the final ones
             self.train_images = max(self.train_images or 0, trained[-1]["train_images"])

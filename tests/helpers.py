@@ -377,3 +377,12 @@ def tiny_classifier(family: str, num_labels: int = 3, seed: int = 0):
     model_class = model_class[0] if isinstance(model_class, tuple) else model_class
     torch.manual_seed(seed)
     return getattr(transformers, model_class)(config).eval(), side
+
+
+def naive_bootstrap(values, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap of the mean of 1-D ``values``, one resample at a time (the reference for intervals)."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, len(values), size=len(values))].mean() for _ in range(n_resamples)]
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))

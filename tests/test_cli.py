@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import run_distill
-from helpers import class_image, tiny_cait, tiny_vit
+from helpers import class_image, naive_bootstrap, tiny_cait, tiny_vit
 from PIL import Image
 from transformers import ViTImageProcessor
 
 from hf_spectralkd.cli import build_parser, main
 from hf_spectralkd.cli.ablate import build_parser as build_ablate_parser
+from hf_spectralkd.errors import ConfigurationError
+from hf_spectralkd.metrics import load_predictions
 from hf_spectralkd.recipe import parse_arguments
 
 
@@ -187,6 +189,24 @@ def test_ablate_trains_each_row_over_seeds_and_writes_a_table(saved_models, imag
     no_kd = json.loads((out / "no_kd" / "seed1" / "results.json").read_text())
     assert (no_kd["distillation_type"], no_kd["beta"], no_kd["teacher"]) == ("none", 0.0, None)
     assert (out / "ablation.png").exists() and "| SpectralKD |" in (out / "ablation.md").read_text()
+    # SpectralKD paired with no KD image by image: per-image top-1 averaged over seeds, a naive bootstrap of the difference
+    per_row = {}
+    for row in ("no_kd", "spectralkd"):
+        hits = []
+        for seed in (0, 1):
+            labels, top_k = load_predictions(out / row / f"seed{seed}")
+            hits.append(top_k[:, 0] == labels)
+        per_row[row] = np.mean(hits, axis=0)
+    difference = 100 * (per_row["spectralkd"] - per_row["no_kd"])
+    (compared,) = report["comparisons"]
+    low, high = naive_bootstrap(difference)
+    assert (compared["row"], compared["images"]) == ("SpectralKD", 9)
+    assert (compared["difference"], compared["ci_low"], compared["ci_high"]) == pytest.approx(
+        (difference.mean(), low, high), abs=0.006)
+    verdict = "distinguishable from noise (the interval excludes 0)" if low > 0 or high < 0 else \
+        "not distinguishable from noise (the interval includes 0)"
+    assert f"- SpectralKD − no KD: {difference.mean():+.2f} points ({low:+.2f} to {high:+.2f}): {verdict}." in \
+        (out / "ablation.md").read_text()
 
 
 def _subcommand_parsers() -> dict:
@@ -204,6 +224,7 @@ def test_every_subcommand_spells_its_options_in_snake_case(capsys):
         assert long_options, name
         assert not {o for o in long_options if "-" in o[2:]}, f"{name} --help shows kebab-case options"
     assert "--num_images" in _subcommand_parsers()["analyze"].format_help()
+    assert "--max_eval_samples" in _subcommand_parsers()["evaluate"].format_help()
     # distill (HF's argument parser) lists every option in its snake_case spelling only
     with pytest.raises(SystemExit) as stop:
         main(["distill", "--help"])
@@ -233,6 +254,13 @@ def test_a_kebab_case_option_still_works_and_warns_once(tmp_path, capsys, caplog
             assert warnings[0] == ("option spelling --teacher-profile, --student-depth is deprecated and will be removed "
                                    "in the next release: use --teacher_profile, --student_depth")
     assert printed["kebab"] == printed["snake"] and "teacher_layers: [" in printed["snake"]
+    # evaluate: the same aliases, one warning
+    caplog.clear()
+    options = build_parser().parse_args(["evaluate", "m", "--dataset", "d", "--max-eval-samples", "5", "--batch-size=4"])
+    assert (options.model, options.dataset, options.max_eval_samples, options.batch_size) == ("m", "d", 5, 4)
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "option spelling --max-eval-samples, --batch-size is deprecated and will be removed in the next release: "
+        "use --max_eval_samples, --batch_size"]
     # ablate: its own options are rewritten, the recipe options it passes on are left alone
     caplog.clear()
     options, extra = build_ablate_parser().parse_known_args(["demo", "--output-dir", "x", "--learning_rate", "1e-3",
@@ -257,8 +285,24 @@ def test_top_level_help_lists_every_subcommand_with_a_one_line_purpose(capsys):
         main(["--help"])
     assert stop.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    for name in ("distill", "ablate", "configs", "analyze", "select-layers", "compare", "push", "verify"):
+    for name in ("distill", "ablate", "configs", "evaluate", "analyze", "select-layers", "compare", "push", "verify"):
         entry = [line for line in lines if line.split()[:1] == [name]]
         assert len(entry) == 1, name
         purpose = entry[0].split(None, 1)[1:]  # the purpose is on the name's own line
         assert purpose and len(purpose[0]) > 30 and purpose[0][0].isupper(), entry
+
+
+def test_evaluate_matches_the_models_classes_to_the_datas_by_name(tmp_path, imagefolder, capsys):
+    from hf_spectralkd.cli.evaluate_model import data_class_of_outputs
+
+    data = {0: "a", 1: "b", 2: "c"}
+    # model outputs in another order, one class the data lacks (-1: never counted right)
+    assert data_class_of_outputs({0: "C", 1: "x", 2: "a", 3: "b"}, data).tolist() == [2, -1, 0, 1]
+    assert data_class_of_outputs({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, data).tolist() == [0, 1, 2]
+    with pytest.raises(ConfigurationError, match="model: its 2 classes have no names and the data has 3"):
+        data_class_of_outputs({0: "LABEL_0", 1: "LABEL_1"}, data)
+    with pytest.raises(ConfigurationError, match=r"model: none of the data's classes \('a', 'b', 'c'\) is among the model's"):
+        data_class_of_outputs({0: "dog", 1: "cat"}, data)
+    assert main(["evaluate", str(tmp_path / "missing"), "--dataset", imagefolder]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model: cannot load '{tmp_path / 'missing'}' as an image classifier") and err.count("\n") == 1

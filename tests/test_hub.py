@@ -66,7 +66,7 @@ def test_trainer_push_sends_only_the_student_with_a_complete_card(tmp_path):
             eval_dataset=SyntheticImageDataset(8, seed=1), processing_class=ViTImageProcessor(size={"height": 32, "width": 32}),
         )
         trainer.train()
-        trainer.evaluate()
+        evaluated = trainer.evaluate()
         trainer.push_to_hub()
     upload = fake.uploads[-1]
     assert upload["repo_id"] == "someone/tiny-spectralkd"
@@ -85,6 +85,8 @@ def test_trainer_push_sends_only_the_student_with_a_complete_card(tmp_path):
     for fragment in ("## Teacher", "Layer map", "| α (logit KD weight) | 0.9 |", "| β (feature weight) | 0.2 |",
                      "label smoothing", "someone/tiny-spectralkd", "arXiv:2412.19055", "@article{tian2024spectralkd"):
         assert fragment in text
+    low, high = evaluated["eval_top1_ci_low"], evaluated["eval_top1_ci_high"]  # the evaluation's 95 % interval
+    assert f"- Top-1: {100 * evaluated['eval_top1']:.2f} % (95 % CI {100 * low:.2f}–{100 * high:.2f} %)" in text
 
 
 def test_recipe_writes_card_with_teacher_revision_and_profile_plot(saved_models, imagefolder, tmp_path):

@@ -53,7 +53,8 @@ def test_the_wheel_installs_and_runs_the_demo_offline_without_the_repository(tmp
     wheel = next(wheels.glob("hf_spectralkd-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"hf_spectralkd/configs/demo.yaml", "hf_spectralkd/configs/deit_tiny_from_cait_s24.yaml",
-            "hf_spectralkd/templates/model_card.md"} <= names
+            "hf_spectralkd/templates/model_card.md", "hf_spectralkd/metrics/accuracy_topk/accuracy_topk.py",
+            "hf_spectralkd/metrics/agreement/agreement.py"} <= names
     assert not any(name.startswith(("tests/", "recipes/")) for name in names)
 
     venv = tmp_path / "venv"

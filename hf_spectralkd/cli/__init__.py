@@ -3,6 +3,7 @@
     hf-spectralkd distill CONFIG [--option value ...]          (the recipe; --help lists its options)
     hf-spectralkd ablate CONFIG [--seeds 0 1 2] [--output_dir DIR]   (no KD / soft KD / SpectralKD / feature MSE)
     hf-spectralkd configs                                      (the shipped configs and their paper targets)
+    hf-spectralkd evaluate MODEL --dataset ID_OR_PATH [--split validation]   (top-1/top-5 with 95 % intervals)
     hf-spectralkd analyze --model ID_OR_PATH --dataset ID_OR_PATH [--num_images 64] [--output_dir DIR]
     hf-spectralkd select-layers --teacher ID_OR_PATH --student ID_OR_ARCH --dataset ID_OR_PATH
     hf-spectralkd compare STUDENT_PROFILE.json TEACHER_PROFILE.json [--plot comparison.png]
@@ -153,7 +154,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import analyze
+    from . import analyze, evaluate_model
 
     parser = CommandParser(prog="hf-spectralkd", description=__doc__, formatter_class=OneLineHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ablate.add_argument("ablate_arguments", nargs=argparse.REMAINDER, help="See `hf-spectralkd ablate --help`.")
     distill.add_argument("recipe_arguments", nargs=argparse.REMAINDER, help="A config file and options (see `hf-spectralkd distill --help`).")
+
+    evaluate = commands.add_parser("evaluate", help="Score any image classifier (a student folder, a Hub id) on a data set: "
+                                                    "top-1/top-5 with 95 %% intervals.")
+    evaluate_model.add_arguments(evaluate)
+    evaluate.set_defaults(handler=evaluate_model.run)
 
     analyze_parser = commands.add_parser("analyze", help="Measure a model's spectral profile, entropy, magnitudes, SVD rank and SEP on some images, with plots.")
     analyze.add_arguments(analyze_parser)

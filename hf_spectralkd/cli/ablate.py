@@ -16,6 +16,12 @@ feature MSE only    ``--alpha 0 --feature_loss mse`` (spatial feature-map KD, no
 Nothing is tuned per row: every option but the row's own change comes from the config and the
 options given after it (which apply to every run).
 
+Each row is also compared with the no-KD row image by image: every run saves its per-image predictions
+(``eval_predictions.npz``), each image's top-1 correctness is averaged over the seeds, and the mean
+difference between the two rows gets a 95 % paired percentile-bootstrap interval over the evaluation
+images. A difference whose interval excludes 0 is reported as distinguishable from the noise of the
+evaluation sample; the spread over training seeds is the table's ± std.
+
     hf-spectralkd ablate demo [--seeds 0 1 2] [--output_dir outputs/ablation] [--option value ...]
 """
 
@@ -28,7 +34,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import ConfigurationError
+import numpy as np
+
+from ..errors import ConfigurationError, RunFailedError
+from ..metrics import load_predictions, percentile_bootstrap
 from .parsing import CommandParser
 
 ROWS: dict[str, list[str]] = {
@@ -37,6 +46,7 @@ ROWS: dict[str, list[str]] = {
     "SpectralKD": [],
     "feature MSE only": ["--alpha", "0", "--feature_loss", "mse"],
 }
+BASELINE = "no KD"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,12 +96,58 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
     return table
 
 
-def to_markdown(table: list[dict], config: str) -> str:
+def _seed_mean_correct(entries: list[dict], labels: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the top-1 correctness averaged over a row's seeds (``N``), and the labels every run scored."""
+    correct = []
+    for entry in entries:
+        run_labels, top_k = load_predictions(entry["folder"])
+        if labels is None:
+            labels = run_labels
+        elif not np.array_equal(run_labels, labels):
+            raise RunFailedError(f"ablate: the run in {entry['folder']} scored other evaluation images than the others; "
+                                 "runs can only be paired on the same images")
+        correct.append(top_k[:, 0] == run_labels)
+    return np.mean(correct, axis=0), labels
+
+
+def compare_with_baseline(runs: dict[str, list[dict]], seed: int = 0) -> list[dict]:
+    """Each row minus the no-KD row, in top-1 points, with a 95 % paired bootstrap interval over images.
+
+    Both rows ran the same seeds on the same evaluation images: the difference of their seed-averaged
+    per-image correctness is resampled by image. ``[]`` without a no-KD row.
+    """
+    if BASELINE not in runs:
+        return []
+    baseline, labels = _seed_mean_correct(runs[BASELINE], None)
+    comparisons = []
+    for row, entries in runs.items():
+        if row == BASELINE:
+            continue
+        difference = 100 * (_seed_mean_correct(entries, labels)[0] - baseline)
+        low, high = percentile_bootstrap(difference, seed=seed)
+        comparisons.append({"row": row, "baseline": BASELINE, "difference": round(float(difference.mean()), 2),
+                            "ci_low": round(float(low), 2), "ci_high": round(float(high), 2),
+                            "distinguishable": bool(low > 0 or high < 0), "images": int(len(difference))})
+    return comparisons
+
+
+def to_markdown(table: list[dict], config: str, comparisons: Sequence[dict] = ()) -> str:
+    paired = {c["row"]: c for c in comparisons}
     lines = [f"Ablation of `{config}` over seeds {table[0]['seeds']} (same data, schedule and steps for every row).", "",
-             "| row | top-1 (mean ± std) | per seed | wall time per run |", "|---|--:|---|--:|"]
+             f"| row | top-1 (mean ± std) | per seed | vs {BASELINE} (95 % CI) | wall time per run |", "|---|--:|---|--:|--:|"]
     for r in table:
+        c = paired.get(r["row"])
+        versus = f"{c['difference']:+.2f} ({c['ci_low']:+.2f} to {c['ci_high']:+.2f})" if c else "–"
         lines.append(f"| {r['row']} | {r['mean']:.2f} ± {r['std']:.2f} % | {', '.join(f'{v:.1f}' for v in r['top1'])} | "
-                     f"{r['wall_time_s']:.0f} s |")
+                     f"{versus} | {r['wall_time_s']:.0f} s |")
+    if comparisons:
+        lines += ["", f"Paired with {BASELINE} on the same {comparisons[0]['images']:,} evaluation images (top-1 points, "
+                  "95 % bootstrap interval over images):", ""]
+    for c in comparisons:
+        verdict = ("distinguishable from noise (the interval excludes 0)" if c["distinguishable"]
+                   else "not distinguishable from noise (the interval includes 0)")
+        lines.append(f"- {c['row']} − {BASELINE}: {c['difference']:+.2f} points "
+                     f"({c['ci_low']:+.2f} to {c['ci_high']:+.2f}): {verdict}.")
     return "\n".join(lines) + "\n"
 
 
@@ -121,13 +177,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.time()
     runs = run_rows(options.config, options.seeds, out, options.rows, extra)
     table = summarise(runs)
+    comparisons = compare_with_baseline(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({"config": options.config, "extra_options": extra, "rows": table,
-                                                   "runs": runs, "total_wall_time_s": round(time.time() - started, 1)},
-                                                  indent=2))
-    (out / "ablation.md").write_text(to_markdown(table, options.config))
+                                                   "comparisons": comparisons, "runs": runs,
+                                                   "total_wall_time_s": round(time.time() - started, 1)}, indent=2))
+    markdown = to_markdown(table, options.config, comparisons)
+    (out / "ablation.md").write_text(markdown)
     plot(table, out / "ablation.png", f"{Path(options.config).stem}: top-1 over seeds {options.seeds}")
-    print(to_markdown(table, options.config))
+    print(markdown)
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / 'ablation.png'} "
           f"in {time.time() - started:.0f} s")
     return 0

@@ -23,6 +23,16 @@ from .arguments import ModelArguments
 logger = logging.getLogger("hf_spectralkd.distill")
 
 
+def write_eval_predictions(trainer, output_dir: str) -> None:
+    """The last evaluation's per-image labels and top-k predictions (main process), when the trainer's metrics
+    are the library's own (:class:`~hf_spectralkd.metrics.TopKAccuracy`)."""
+    from ..metrics import TopKAccuracy
+
+    if trainer.is_world_process_zero() and isinstance(trainer.compute_metrics, TopKAccuracy):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        trainer.compute_metrics.save_predictions(output_dir)
+
+
 def describe_run(summary: RunSummary, args: SpectralDistillationConfig, data, layer_map) -> str:
     """The run's configuration, printed once at the start (the same facts the card and results.json hold)."""
     s = summary

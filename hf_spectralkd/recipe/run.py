@@ -32,6 +32,7 @@ from .report import (
     describe_run,
     spectral_extras,
     with_student_preprocessing,
+    write_eval_predictions,
     write_profile_comparison,
     write_results,
 )
@@ -137,10 +138,11 @@ def run(argv: list[str]) -> int:
         if data.eval is not None and args.do_eval:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
-            with reporting_write_failure(args.output_dir, "eval_results.json, all_results.json", args.do_train):
+            with reporting_write_failure(args.output_dir, "eval_results.json, all_results.json, eval_predictions.npz", args.do_train):
                 trainer.save_metrics("eval", metrics)
+                write_eval_predictions(trainer, args.output_dir)  # per image: what ablate pairs runs by
             if not args.do_train:
-                summary.student_accuracy, summary.student_top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
+                summary.record_evaluation(metrics)
                 summary.best_student_accuracy = summary.student_accuracy
         if teacher is not None and model_args.evaluate_teacher and data.eval is not None and args.do_eval:
             scores = trainer.evaluate_teacher()

@@ -33,7 +33,7 @@ from ..features import extract_features, feature_forward_kwargs
 from ..hub import move_token_to_environment
 from ..layer_map import LayerPair, resolve_layer_map
 from ..losses import distillation_objective
-from ..metrics import topk_accuracy, topk_indices
+from ..metrics import TopKAccuracy, topk_indices
 from ..models import load_model
 from ..perf import keep_freed_memory
 from ..preprocessing import InputAdapter, InputSpec
@@ -105,7 +105,7 @@ class SpectralDistillationTrainer(Trainer):
         model, args = evaluation_only(model, args, classes, summary)
         kwargs.setdefault("data_collator", ImageClassificationCollator())
         if kwargs.get("compute_metrics") is None:
-            kwargs["compute_metrics"] = topk_accuracy
+            kwargs["compute_metrics"] = TopKAccuracy()
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         # Checked before Trainer.__init__, which may already contact the Hub.
         self.layer_map: list[LayerPair] = list(layer_map if layer_map is not None else resolve_layer_map(
