@@ -10,8 +10,8 @@ from helpers import SyntheticImageDataset, tiny_cait, tiny_swin, tiny_vit
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.errors import ConfigurationError
-from hf_spectralkd.training.compilation import CompiledStep, student_objective
 from hf_spectralkd.teacher import run_teacher
+from hf_spectralkd.training.compilation import CompiledStep, student_objective
 
 LOSS = dict(alpha=0.5, beta=1.0, temperature=2.0, feature_loss="fft", distillation_type="soft", label_smoothing=0.1)
 
