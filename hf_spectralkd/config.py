@@ -22,6 +22,8 @@ LayerMapMode = Literal["manual", "auto"]
 #: Those with CUDA graphs (reduce-overhead, max-autotune) need a CUDA device to capture them; elsewhere torch
 #: compiles without them.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Options that were switches before they took a value: a config file's true/false still stands for them.
+FORMER_SWITCHES = ("teacher_compile",)
 
 
 def parse_layer_list(value: Any, argument: str) -> Union[list[int], str, None]:

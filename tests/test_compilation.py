@@ -47,6 +47,20 @@ def test_teacher_compile_modes_and_the_bool_spelling():
         config(output_dir="o", torch_compile_mode="turbo")
 
 
+def test_teacher_compile_in_a_config_file_and_on_the_command_line(tmp_path):
+    from hf_spectralkd.recipe.arguments import load_recipe, parse_arguments
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(f"teacher: t\nstudent: s\noutput_dir: {tmp_path}\nteacher_compile: true\n")
+    assert load_recipe(str(recipe))[2].teacher_compile == "default"  # the former switch's spelling
+    common = ["--teacher", "t", "--student", "s", "--output_dir", str(tmp_path)]
+    assert parse_arguments([*common, "--teacher_compile"])[2].teacher_compile == "default"
+    assert parse_arguments([*common, "--teacher_compile", "reduce-overhead", "--torch_compile_mode", "max-autotune"])[2] \
+        .teacher_compile == "reduce-overhead"
+    with pytest.raises(ConfigurationError, match="teacher_compile must be one of .*got 'fast'"):
+        parse_arguments([*common, "--teacher_compile", "fast"])
+
+
 def _run(output_dir, compile_: bool, resume=None, max_steps=3):
     # aot_eager: the same graphs without inductor's C++ code generation, which took 192 s for this 3-step run
     # on 2 CPU cores (aot_eager 7 s); losses agreed to 1e-7 between the two backends.
