@@ -118,7 +118,7 @@ def device_record(device: str) -> dict[str, Any]:
 
 def step_argv(options, student_mode: Optional[str], teacher_mode: Optional[str], trace: Path) -> list[str]:
     if options.quick:
-        argv = ["--tiny", "--device", options.device, "--batch-size", "4", "--steps", "2", "--warmup", "1",
+        argv = ["--tiny", "--device", options.device, "--batch-size", "4", "--steps", "2", "--warmup", "0",
                 "--num-labels", "10", "--compile-backend", "eager"]
     else:
         argv = ["--device", options.device, "--dtype", "bf16", "--batch-size", str(options.batch_size), "--steps",
