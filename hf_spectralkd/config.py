@@ -20,6 +20,12 @@ from .losses import DistillationType, FeatureLoss
 
 LrSchedule = Literal["trainer", "deit"]
 LayerMapMode = Literal["manual", "auto"]
+#: torch.compile modes a run accepts, for the student (--torch_compile_mode) and the teacher (--teacher_compile).
+#: Those with CUDA graphs (reduce-overhead, max-autotune) need a CUDA device to capture them; elsewhere torch
+#: compiles without them.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Options that were switches before they took a value: a config file's true/false still stands for them.
+FORMER_SWITCHES = ("teacher_compile",)
 
 
 def parse_layer_list(value: Any, argument: str) -> Union[list[int], str, None]:
@@ -174,9 +180,14 @@ class SpectralDistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "Allow model code from the Hub to run when loading models by id. Off by default."},
     )
-    teacher_compile: bool = field(
-        default=False,
-        metadata={"help": "Compile the teacher's forward with torch.compile (GPU; first steps are slower)."},
+    teacher_compile: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Compile the teacher's forward and taps with torch.compile in this mode: default, reduce-overhead, "
+            "max-autotune or max-autotune-no-cudagraphs (a bare --teacher_compile or 'true' means default; 'false' "
+            "turns it off). The student follows transformers' --torch_compile / --torch_compile_mode.",
+            "nargs": "?", "const": "default",
+        },
     )
     eval_with_teacher: bool = field(
         default=True,
@@ -257,6 +268,8 @@ class SpectralDistillationConfig(TrainingArguments):
         _check_choice("feature_loss", self.feature_loss, FeatureLoss)
         _check_choice("lr_schedule", self.lr_schedule, LrSchedule)
         _check_choice("layer_map", self.layer_map, LayerMapMode)
+        self.teacher_compile = compile_mode(self.teacher_compile, "teacher_compile", aliases=True)
+        compile_mode(self.torch_compile_mode, "torch_compile_mode")
         if self.label_smoothing is not None:
             if self.label_smoothing_factor not in (0.1, self.label_smoothing):
                 raise ConfigurationError(
@@ -390,3 +403,14 @@ def _check_choice(name: str, value: Any, choices: Any) -> None:
     allowed = get_args(choices)
     if value not in allowed:
         raise ConfigurationError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def compile_mode(value: Any, argument: str, aliases: bool = False) -> Optional[str]:
+    """A torch.compile mode of :data:`COMPILE_MODES` or ``None``. With ``aliases`` (``--teacher_compile``, a bool
+    before it took a mode), ``True``/``"true"`` mean ``"default"`` and ``False``/``"false"`` mean off."""
+    if aliases and isinstance(value, (bool, str)) and str(value).lower() in ("true", "false"):
+        return "default" if str(value).lower() == "true" else None
+    if value is None or value in COMPILE_MODES:
+        return value
+    also = " (or true/false)" if aliases else ""
+    raise ConfigurationError(f"{argument} must be one of {', '.join(COMPILE_MODES)}{also}, got {value!r}")

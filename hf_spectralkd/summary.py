@@ -83,6 +83,7 @@ class RunSummary:
     lr_schedule: Optional[str] = None
     weight_decay: Optional[float] = None
     precision: Optional[str] = None
+    compilation: Optional[str] = None  # what torch.compile compiled (training/compilation.py), None: eager
     seed: Optional[int] = None
     # --- results ---
     teacher_check_accuracy: Optional[float] = None  # top-1 on a class-stratified sample of evaluation images, before training

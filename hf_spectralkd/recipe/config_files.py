@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from ..config import FORMER_SWITCHES
 from ..errors import ConfigurationError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -140,7 +141,7 @@ def check_config_values(values: dict[str, Any], classes: Sequence[type], config_
         if key not in fields or isinstance(value, str):
             continue
         hint, default = fields[key]
-        if (value is None and default is None) or _accepts(hint, value):
+        if (value is None and default is None) or _accepts(hint, value) or (key in FORMER_SWITCHES and isinstance(value, bool)):
             continue
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         raise ConfigurationError(f"config: {key} must be {_describe(hint)}, got {shown} in '{config_path}'")

@@ -9,7 +9,7 @@ wherever the trainer saves the student: the final folder, each checkpoint, and b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..hub import write_model_card
 from ..summary import RunSummary
@@ -21,10 +21,12 @@ class ModelCardWriter:
     Args:
         summary: the run's record of models, data and results.
         args: the training arguments (``output_dir`` names the card, ``hub_model_id`` its repository).
+        compilation: what the run compiled (:meth:`CompiledStep.describe`), ``None`` for an eager run.
     """
 
-    def __init__(self, summary: RunSummary, args: Any):
+    def __init__(self, summary: RunSummary, args: Any, compilation: Optional[str] = None):
         self.summary, self.args = summary, args
+        summary.compilation = compilation
 
     def write(self, output_dir: str, state: Any) -> Path:
         """Record ``state`` (a ``TrainerState``: steps, best metric) in the summary and write the card in ``output_dir``."""

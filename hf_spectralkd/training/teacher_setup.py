@@ -107,8 +107,9 @@ def check_teacher_before_training(trainer: Any) -> Optional[float]:
     return top1
 
 
-def place_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool, compile_teacher: bool) -> nn.Module:
-    """The frozen, eval-mode teacher prepared for the launch mode (see the module docstring)."""
+def place_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool) -> nn.Module:
+    """The frozen, eval-mode teacher prepared for the launch mode (see the module docstring), not compiled:
+    ``--teacher_compile`` compiles its region (``training/compilation.py``)."""
     teacher.eval().requires_grad_(False)
     if deepspeed:
         return _deepspeed_teacher(teacher, accelerator)
@@ -117,14 +118,11 @@ def place_teacher(teacher: nn.Module, accelerator: Any, deepspeed: bool, compile
         # given to the teacher, casts already) and list the teacher among accelerate's models, whose FSDP
         # clip_grad_norm_ compares each one's parameter list with the student's: a teacher with as many
         # parameter tensors as the student makes that comparison raise.
-        teacher = shard_teacher_like_student(teacher, accelerator)
-    else:
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-    # With --torch_compile, prepare_model has compiled the teacher already; compiling it again would
-    # only return its forward as a function.
-    if compile_teacher and not hasattr(teacher, "_orig_mod"):
-        teacher = torch.compile(teacher)
-    return teacher
+        return shard_teacher_like_student(teacher, accelerator)
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    # With --torch_compile, prepare_model compiles every model it is given, in the student's mode; the teacher
+    # keeps only its device placement and autocast (set on the module's forward before compiling).
+    return getattr(teacher, "_orig_mod", teacher)
 
 
 def _deepspeed_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -29,16 +30,15 @@ from ..checkpointing import AtomicCheckpointWriter, load_weights_from_folder, re
 from ..config import SpectralDistillationConfig
 from ..data import ENCODED_IMAGES, DatasetEpochCallback, ImageClassificationCollator, first_images, pixel_batch
 from ..errors import ConfigurationError
-from ..features import extract_features, feature_forward_kwargs
 from ..hub import move_token_to_environment
 from ..layer_map import LayerPair, resolve_layer_map
-from ..losses import distillation_objective
 from ..metrics import TopKAccuracy, topk_indices
 from ..models import load_model
 from ..perf import keep_freed_memory
 from ..preprocessing import InputAdapter, InputSpec
 from ..summary import RunSummary
-from ..teacher import TeacherClassifier, run_teacher
+from ..teacher import TeacherClassifier
+from .compilation import CompiledStep
 from .data_order import DataOrder
 from .finished_run import finish_from_checkpoint
 from .image_counter import IMAGE_COUNTS_FILE, ImageCounter
@@ -118,8 +118,10 @@ class SpectralDistillationTrainer(Trainer):
             logger.info("SpectralKD: %d layer pairs, %s loss, beta=%s: student %s <-> teacher %s", len(self.layer_map),
                         args.feature_loss, args.beta, [p.student for p in self.layer_map],
                         [p.teacher for p in self.layer_map])
-        self.teacher = place_teacher(teacher.model, self.accelerator, self.is_deepspeed_enabled, args.teacher_compile) \
+        self.teacher = place_teacher(teacher.model, self.accelerator, self.is_deepspeed_enabled) \
             if teacher.model is not None and args.needs_teacher else None
+        self._compiled = CompiledStep(args, self.accelerator.distributed_type == DistributedType.NO)
+        self._compiled.prepare(self.model, self.teacher)
         self._teacher_model, self.teacher_label_order = teacher.model, teacher.label_order
         self.teacher_inputs: Optional[InputAdapter] = teacher.adapter.to(args.device) if teacher.adapter else None
         self.summary = summary or RunSummary.describe(
@@ -140,7 +142,7 @@ class SpectralDistillationTrainer(Trainer):
         self._data_order = DataOrder(args)
         self._output_dir = OutputDirHold(self.accelerator, args.output_dir)
         self._optimization = DeiTOptimization(args)
-        self._card = ModelCardWriter(self.summary, args)
+        self._card = ModelCardWriter(self.summary, args, self._compiled.describe())
         self._nonfinite = NonFiniteWatch(("loss_ce", "loss_kd", self._feature_key))
         self._preemption = take_sigterm_from_jit_checkpoint(self.callback_handler) if args.enable_jit_checkpoint else None
         self.preempted_at_step: Optional[int] = None  # the step checkpointed on SIGTERM before training stopped
@@ -211,31 +213,29 @@ class SpectralDistillationTrainer(Trainer):
         student_layers = [p.student for p in self.layer_map] if use_features else []
         teacher_layers = [p.teacher for p in self.layer_map] if use_features else []
         teacher_logits, teacher_maps = None, []
+        self._compiled.begin_step()  # host reads and counts stay out of the two regions (see .compilation)
         if use_teacher:
             # Teacher first: its large temporaries are freed before the student's activations are
             # allocated and kept for backward, which measured faster on CPU (bench/README.md).
-            teacher_logits, teacher_maps = run_teacher(
+            teacher_logits, teacher_maps = self._compiled.teacher(
                 self.teacher, pixel_values, teacher_layers, self.teacher_inputs, self.teacher_label_order
             )
-        outputs = model(pixel_values=pixel_values, **feature_forward_kwargs(model, student_layers))
-        student_maps = extract_features(model, outputs, student_layers) if use_features else []
-        losses = distillation_objective(
-            outputs.logits, labels, teacher_logits, student_maps, teacher_maps,
-            alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-            distillation_type=args.distillation_type if use_teacher and args.uses_teacher_logits else "none",
-            feature_loss=args.feature_loss, label_smoothing=args.label_smoothing_factor,
-        )
-        components = torch.stack([losses.ce.detach(), losses.kd.detach(), losses.feature.detach()]).float()
+        loss_options = dict(alpha=args.alpha, beta=args.beta, temperature=args.temperature, feature_loss=args.feature_loss,
+                            distillation_type=args.distillation_type if use_teacher and args.uses_teacher_logits else "none",
+                            label_smoothing=args.label_smoothing_factor)
+        total, components, logits = self._compiled.student(model, pixel_values, labels, teacher_logits, teacher_maps,
+                                                           student_layers, loss_options)
         if mode == "train" and args.stop_on_nonfinite_loss:
             step = self.state.global_step + 1
             self._nonfinite.update(components, step)  # on the device: no synchronisation here
             if args.nonfinite_check_interval and step % args.nonfinite_check_interval == 0:
                 self._check_finite(step)
-        self._loss_sums[mode] = components if self._loss_sums[mode] is None else self._loss_sums[mode] + components
+        # a copy: a CUDA-graph output is overwritten by the next replay
+        self._loss_sums[mode] = components.clone() if self._loss_sums[mode] is None else self._loss_sums[mode] + components
         self._loss_counts[mode] += 1
         if return_outputs:  # only logits: hidden states are never gathered over the eval set
-            return losses.total, ImageClassifierOutput(logits=outputs.logits)
-        return losses.total
+            return total, ImageClassifierOutput(logits=logits)
+        return total
 
     def _check_finite(self, step: Optional[int] = None) -> None:
         """Stop on a non-finite loss component seen so far (a collective on several processes); ``step``: the step
