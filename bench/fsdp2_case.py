@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "accelerate" / "fsdp2.yaml"
@@ -144,11 +145,11 @@ def check(processes: int, workdir: Path) -> dict:
             "resume_weight_max_abs_diff": weight_diff}
 
 
-def main() -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=None, help="processes (GPUs); default: every visible GPU, at most 2")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build and run (default: a temporary folder)")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
