@@ -52,10 +52,11 @@ def bad_inputs(tmp_path_factory, saved_models):
     import json
     import shutil
 
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification
 
     root = tmp_path_factory.mktemp("bad_inputs")
-    ResNetForImageClassification(ResNetConfig(num_labels=3, hidden_sizes=[8, 8, 8, 8], embedding_size=8)).save_pretrained(root / "resnet")
+    MobileNetV1ForImageClassification(MobileNetV1Config(num_labels=3, image_size=32, depth_multiplier=0.25)).save_pretrained(
+        root / "mobilenet_v1")  # a family without feature taps
     tiny_swin(num_labels=3).config.save_pretrained(root / "swin_student")
     tiny_cait(num_labels=7).save_pretrained(root / "teacher7")
     from transformers import ViTConfig, ViTForImageClassification
@@ -105,7 +106,7 @@ def bad_inputs(tmp_path_factory, saved_models):
     (fake_checkpoint(root / "damaged_run" / "checkpoint-2", 2) / "trainer_state.json").write_text('{"global_step": 2')
     flip_byte(fake_checkpoint(root / "flipped_run" / "checkpoint-2", 2) / "model.safetensors")
     (fake_checkpoint(root / "cut_state_run" / "checkpoint-2", 2) / "trainer_state.json").write_text("")
-    return {"root": root, "resnet": str(root / "resnet"), "swin": str(root / "swin_student" / "config.json"),
+    return {"root": root, "untapped": str(root / "mobilenet_v1"), "swin": str(root / "swin_student" / "config.json"),
             "teacher7": str(root / "teacher7"), "file": str(root / "a_file"), "previous": str(root / "previous_run"),
             "teacher48": str(root / "teacher48"), "teacher_xyz": str(root / "teacher_xyz")}
 
@@ -114,10 +115,10 @@ def bad_inputs(tmp_path_factory, saved_models):
 BAD_INPUTS = [
     ("unknown_teacher", lambda a, p: a + ["--teacher", str(p["root"] / "no-such-teacher")], "teacher: cannot load"),
     ("unknown_hub_student", lambda a, p: a + ["--student", "no-such-user/no-such-model"], "student: cannot load 'no-such-user/no-such-model'"),
-    ("unsupported_architecture", lambda a, p: a + ["--teacher", p["resnet"]], "Unsupported model for spectral feature taps"),
+    ("unsupported_architecture", lambda a, p: a + ["--teacher", p["untapped"]], "Unsupported model for spectral feature taps"),
     ("layer_lists_differ", lambda a, p: a + ["--teacher_layers", "0", "1", "3"], "must have the same length"),
     ("layer_out_of_range", lambda a, p: a + ["--teacher_layers", "0", "9"], "teacher_layers: index 9 is out of range"),
-    ("auto_on_unanalysable_teacher", lambda a, p: a + ["--teacher", p["resnet"], "--teacher_layers", "auto"],
+    ("auto_on_unanalysable_teacher", lambda a, p: a + ["--teacher", p["untapped"], "--teacher_layers", "auto"],
      "Unsupported model for spectral feature taps"),
     ("spatial_mismatch", lambda a, p: a + ["--student", p["swin"], "--student_layers", "0", "1", "--teacher_layers", "0", "1"],
      "student layer 0 is 16×16 but teacher layer 0 is 4×4"),

@@ -187,10 +187,10 @@ def test_spatial_size_mismatch(tmp_path):
 
 
 def test_unsupported_family(tmp_path):
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification
 
-    student = ResNetForImageClassification(ResNetConfig(num_labels=5))
-    with pytest.raises(ValueError, match="Unsupported model for spectral feature taps.*resnet"):
+    student = MobileNetV1ForImageClassification(MobileNetV1Config(num_labels=5, image_size=32, depth_multiplier=0.25))
+    with pytest.raises(ValueError, match="Unsupported model for spectral feature taps.*mobilenet_v1.*every convolution"):
         SpectralDistillationTrainer(model=student, teacher_model=tiny_cait(), args=make_config(tmp_path))
 
 

@@ -50,7 +50,7 @@ report = {}
 for name, build, layers in (("vit", tiny_vit, [0, 2]), ("swin", tiny_swin, [0, 1, 2])):
     whole = build(seed=3).eval()
     reference_logits, reference_maps = run_teacher(whole, images, layers)
-    teacher = place_teacher(copy.deepcopy(whole), FSDP2Accelerator(), deepspeed=False, compile_teacher=False)
+    teacher = place_teacher(copy.deepcopy(whole), FSDP2Accelerator(), deepspeed=False)
     logits, maps = run_teacher(teacher, images, layers)
     report[name] = {
         "logits_max_diff": (logits - reference_logits).abs().max().item(),
