@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hf_spectralkd.checkpointing import verify_checkpoint, write_manifest
-from hf_spectralkd.models import load_model
+from hf_spectralkd.io.model_loading import load_model
 
 
 def build_checkpoint(folder: Path) -> int:

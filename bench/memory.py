@@ -35,7 +35,7 @@ def child(mode: str, batch_size: int) -> None:
 
     sys.path.insert(0, ROOT)
     from hf_spectralkd.features import extract_features, feature_forward_kwargs
-    from hf_spectralkd.models import load_model
+    from hf_spectralkd.io.model_loading import load_model
 
     torch.manual_seed(0)
     model = load_model("deit_base_patch16_224", argument="teacher").model.eval()

@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer  # noqa: E402
 from hf_spectralkd.features import forward_with_features  # noqa: E402
+from hf_spectralkd.io.model_loading import ARCHITECTURE_PRESETS  # noqa: E402
 from hf_spectralkd.losses import spectral_alignment_loss  # noqa: E402
-from hf_spectralkd.models import ARCHITECTURE_PRESETS  # noqa: E402
 
 LOSS_MODES = ("fft_loss_parseval", "fft_loss_rfft2", "fft_loss_naive")
 STUDENT_LAYERS = [0, 1, 6, 7, 8, 9, 10, 11]

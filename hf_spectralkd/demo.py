@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .models import load_model
+from .io.model_loading import load_model
 
 logger = logging.getLogger(__name__)
 

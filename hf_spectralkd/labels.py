@@ -5,7 +5,7 @@ Labels meet in two places, and both use :func:`match_labels`:
 * a teacher's logits are put in the student's class order
   (:func:`hf_spectralkd.teacher.teacher_label_order`);
 * a pretrained student's classifier head is put in the data's class order
-  (:func:`match_head_to_labels`, called by :func:`hf_spectralkd.models.load_model`): its rows are
+  (:func:`match_head_to_labels`, called by :func:`hf_spectralkd.io.model_loading.load_model`): its rows are
   permuted, classes the data adds get new rows (named in a warning), classes the data lacks are
   dropped. Overwriting ``id2label`` alone would relabel every class of a pretrained head.
 

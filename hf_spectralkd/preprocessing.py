@@ -209,7 +209,7 @@ def input_spec_of(
 
 
 def _short(name_or_path: str) -> str:
-    from .summary import public_name
+    from .io.run_summary import public_name
 
     return public_name(name_or_path) or name_or_path
 

@@ -362,7 +362,7 @@ def test_a_full_disk_after_training_is_one_line_and_a_resume_writes_the_missing_
     from safetensors.torch import load_file
 
     from hf_spectralkd.checkpointing.atomic import AtomicCheckpointWriter
-    from hf_spectralkd.summary import RunSummary
+    from hf_spectralkd.io.run_summary import RunSummary
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a write's close() raises it: no file name

@@ -130,7 +130,7 @@ def test_cli_push_uploads_a_finished_run_without_checkpoints(saved_models, image
     out = tmp_path / "out"
     assert run_distill.main(tiny_run_args(saved_models, imagefolder, out)) == 0
     fake = FakeHubApi()
-    with mock.patch("hf_spectralkd.hub.hf_api", return_value=fake):
+    with mock.patch("hf_spectralkd.io.hub.hf_api", return_value=fake):
         assert cli_main(["push", str(out), "--repo-id", "me/student", "--private"]) == 0
     files = fake.uploads[0]["files"]
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "results.json", "spectral_profiles.png"} <= set(files)

@@ -31,8 +31,8 @@ from hf_spectralkd.checkpointing import (
 from hf_spectralkd.cli import main as cli_main
 from hf_spectralkd.cli.common import read_config_file
 from hf_spectralkd.errors import ConfigurationError, DamagedFileError
-from hf_spectralkd.hub import push_run
-from hf_spectralkd.integrity import model_folder_problems, safetensors_problem
+from hf_spectralkd.io.hub import push_run
+from hf_spectralkd.io.integrity import model_folder_problems, safetensors_problem
 
 RUN_OPTIONS = ("--max_steps", "6", "--eval_strategy", "no", "--profile_images", "0", "--evaluate_teacher", "false")
 
@@ -86,7 +86,7 @@ def test_analyze_and_push_refuse_a_truncated_model_with_one_line(tmp_path, capsy
     assert code == 2 and err.startswith(f"error: model: '{tmp_path / 'student'}' is damaged (model.safetensors is truncated")
     assert err.count("\n") == 1
 
-    import hf_spectralkd.hub as hub
+    import hf_spectralkd.io.hub as hub
 
     monkeypatch.setattr(hub, "hf_api", lambda: pytest.fail("a damaged student must not reach the Hub"))
     with pytest.raises(DamagedFileError, match=r"output_dir: '.*' is damaged \(model.safetensors is truncated"):

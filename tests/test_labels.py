@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import ViTImageProcessor, pipeline
 
 from hf_spectralkd import ConfigurationError, SpectralDistillationConfig, SpectralDistillationTrainer
-from hf_spectralkd.models import load_model
+from hf_spectralkd.io.model_loading import load_model
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -24,9 +24,9 @@ from hf_spectralkd.data import (
     load_image_datasets,
 )
 from hf_spectralkd.data.demo import load_mnist_demo
+from hf_spectralkd.io.model_loading import load_model
 from hf_spectralkd.layer_map import build_layer_map
 from hf_spectralkd.metrics import load_predictions
-from hf_spectralkd.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "hf_spectralkd" / "configs").glob("*.yaml"))

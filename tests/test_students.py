@@ -21,15 +21,15 @@ from transformers import AutoModelForImageClassification, ViTForImageClassificat
 
 from hf_spectralkd.cli import main as cli_main
 from hf_spectralkd.features import describe_taps, forward_with_features
-from hf_spectralkd.hub import build_model_card
-from hf_spectralkd.models import ModelLoadError, load_model
+from hf_spectralkd.io.hub import build_model_card
+from hf_spectralkd.io.model_loading import ModelLoadError, load_model
+from hf_spectralkd.io.run_summary import RunSummary
 from hf_spectralkd.students import (
     LiftViTConfig,
     LiftViTForImageClassification,
     WideLastViTConfig,
     WideLastViTForImageClassification,
 )
-from hf_spectralkd.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = {i: f"class_{i}" for i in range(1000)}
@@ -435,10 +435,10 @@ def test_student_classes_build_from_their_configs_alone():
 def test_push_uploads_the_modeling_code_with_the_weights(saved_students, monkeypatch):
     from test_hub import FakeHubApi
 
-    from hf_spectralkd.hub import push_run
+    from hf_spectralkd.io.hub import push_run
 
     fake = FakeHubApi()
-    monkeypatch.setattr("hf_spectralkd.hub.hf_api", lambda: fake)
+    monkeypatch.setattr("hf_spectralkd.io.hub.hf_api", lambda: fake)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub is "online"
     push_run(str(saved_students["widelast"]), "someone/tiny-widelast")
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_spectralkd_students.py",

@@ -289,7 +289,7 @@ def fake_hub_cache(root, repo: str, revisions: dict) -> str:
 
 
 def test_requested_teacher_revision_is_resolved_and_recorded_offline(tmp_path):
-    from hf_spectralkd.models import load_model
+    from hf_spectralkd.io.model_loading import load_model
 
     main_sha, tagged_sha = "a" * 40, "b" * 40
     cache = fake_hub_cache(tmp_path / "cache", "someone/tiny-teacher",

@@ -479,7 +479,7 @@ def test_deit_schedule_is_a_linear_warmup_inside_a_cosine(tmp_path):
 # ModelCardWriter, RunRecord
 # ------------------------------------------------------------------------------------------------
 def test_model_card_writer_records_the_trainer_state_and_names_the_run(tmp_path):
-    from hf_spectralkd.summary import RunSummary
+    from hf_spectralkd.io.run_summary import RunSummary
 
     summary = RunSummary(student="tiny", student_kind="scratch", student_architecture="ViTForImageClassification",
                          student_parameters=1234, num_classes=3)

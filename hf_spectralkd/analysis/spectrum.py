@@ -70,7 +70,7 @@ class SpectralProfile:
     def load(cls, path: Union[str, Path], argument: str = "profile") -> "SpectralProfile":
         """Read a ``profile.json``; a missing, cut or foreign file is a one-line error naming ``argument``."""
         from ..errors import ConfigurationError
-        from ..integrity import damaged, read_json
+        from ..io.integrity import damaged, read_json
 
         if not Path(path).is_file():
             raise ConfigurationError(f"{argument}: file '{path}' does not exist")

@@ -21,7 +21,7 @@ from typing import Optional, Union
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import ConfigurationError
-from ..integrity import damaged, has_weights, read_json, saved_model_problems, torch_file_problem
+from ..io.integrity import damaged, has_weights, read_json, saved_model_problems, torch_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def verify_checkpoint(folder) -> list[str]:
     """Everything that would stop ``folder`` from resuming a run exactly; ``[]`` if it is sound.
 
     Checks that ``trainer_state.json`` parses, that ``config.json`` and every weights file named by
-    the index are whole (:mod:`~hf_spectralkd.integrity`), that the optimizer, scheduler, scaler and
+    the index are whole (:mod:`~hf_spectralkd.io.integrity`), that the optimizer, scheduler, scaler and
     RNG states load, and that every file matches the checksum manifest (when the checkpoint has one:
     those written before manifests existed are checked for structure only).
     """

@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..integrity import damaged, loading_problems, model_folder_problems
+from ..io.integrity import damaged, loading_problems, model_folder_problems
 from ..utils import unwrap_model
 
 #: What to do about a damaged checkpoint.

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import CheckpointSaveError, WriteFailedError
-from ..integrity import first_line
+from ..io.integrity import first_line
 
 #: What to do after a failed write of a checkpoint, and of the final student (the run is trained to its end then).
 FREE_SPACE = "Free space (or make the file system writable again) and resume with --resume_from_checkpoint true"

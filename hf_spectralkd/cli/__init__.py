@@ -31,7 +31,7 @@ def _select_layers(options) -> int:
 
     from ..analysis import SpectralProfile, select_layers, spectral_profile
     from ..features import describe_taps
-    from ..models import load_model
+    from ..io.model_loading import load_model
     from .images import load_images, preprocess
 
     teacher_grids = None
@@ -102,7 +102,7 @@ def _compare(options) -> int:
 
 
 def _push(options) -> int:
-    from ..hub import push_run
+    from ..io.hub import push_run
 
     result = push_run(options.output_dir, options.repo_id, private=options.private, revision=options.revision,
                       commit_message=options.commit_message)
@@ -123,7 +123,7 @@ def _verify(options) -> int:
     from tqdm.auto import tqdm
 
     from ..checkpointing import MANIFEST_FILE, checkpoint_folders, is_checkpoint_folder, verify_checkpoint
-    from ..integrity import CONFIG_FILE, has_weights, saved_model_problems
+    from ..io.integrity import CONFIG_FILE, has_weights, saved_model_problems
 
     folder = Path(options.output_dir)
     if not folder.is_dir():

@@ -32,7 +32,7 @@ from ..analysis.measures import (
 from ..analysis.spectrum import ProfileAccumulator, collect_feature_maps, resolve_layers
 from ..errors import ConfigurationError
 from ..features import describe_taps
-from ..models import load_model
+from ..io.model_loading import load_model
 from .images import load_images, preprocess
 
 logger = logging.getLogger(__name__)

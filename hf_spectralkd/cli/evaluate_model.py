@@ -76,7 +76,7 @@ def data_class_of_outputs(model_id2label: dict, data_id2label: dict[int, str]) -
 def _pipeline(model: str, options, argument: str):
     from transformers import pipeline
 
-    from ..integrity import first_line
+    from ..io.integrity import first_line
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

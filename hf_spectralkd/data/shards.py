@@ -141,7 +141,7 @@ def check_parquet_files(files: Sequence[str], split: str, argument: str = "datas
     import pyarrow.parquet as pq
 
     from ..errors import ConfigurationError
-    from ..integrity import damaged, first_line
+    from ..io.integrity import damaged, first_line
 
     first: Optional[tuple[str, Any]] = None
     for path in files:

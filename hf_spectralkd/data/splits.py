@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import ConfigurationError
-from ..integrity import first_line
+from ..io.integrity import first_line
 from .arguments import DEMO_DATASET, DataArguments
 from .label_values import check_eval_labels, imagefolder_layout_problem, split_class_names, warn_empty_class_folders
 from .shards import check_parquet_files

@@ -19,7 +19,7 @@ from ..cli.parsing import CommandParser
 from ..config import SpectralDistillationConfig
 from ..data import KNOWN_TRAIN_SIZES, DataArguments, steps_for_epochs
 from ..errors import ConfigurationError
-from ..models import ARCHITECTURE_PRESETS
+from ..io.model_loading import ARCHITECTURE_PRESETS
 from .config_files import check_config_values, read_config_file, split_config_argument
 
 

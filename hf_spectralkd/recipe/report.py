@@ -14,9 +14,9 @@ from ..config import SpectralDistillationConfig
 from ..data import DataArguments
 from ..errors import ConfigurationError
 from ..features import has_taps
+from ..io.run_summary import RunSummary
 from ..layer_map import format_layer_map
 from ..preprocessing import InputSpec
-from ..summary import RunSummary
 from ..utils import unwrap_model
 from .arguments import ModelArguments
 
@@ -88,7 +88,7 @@ def write_profile_comparison(trainer, teacher, pixel_values, output_dir: str, te
     from ..analysis import compare_profiles, spectral_profile
     from ..analysis.callback import log_figure
     from ..analysis.plots import plot_profile_comparison
-    from ..hub import PROFILE_PLOT
+    from ..io.hub import PROFILE_PLOT
 
     device = trainer.args.device
     student_model = trainer.accelerator.unwrap_model(trainer.model)
@@ -134,7 +134,7 @@ def write_results(summary: RunSummary, trainer, model_args: ModelArguments, args
     summary.wall_time_s = round(time.time() - started, 1)
     if not trainer.is_world_process_zero():
         return
-    from ..hub import write_model_card
+    from ..io.hub import write_model_card
 
     brief = {"teacher_accuracy": summary.teacher_accuracy, "student_accuracy": summary.student_accuracy}
     if card:  # again, now with the teacher's accuracy and the profile plot

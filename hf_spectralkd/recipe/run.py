@@ -20,10 +20,10 @@ from transformers import set_seed
 from ..checkpointing.write_errors import reporting_write_failure
 from ..data import first_images, open_image_datasets, prepare_image_datasets
 from ..errors import ConfigurationError
-from ..hub import PROFILE_PLOT
-from ..models import ensure_deepspeed_distributed, load_model, model_license
+from ..io.hub import PROFILE_PLOT
+from ..io.model_loading import ensure_deepspeed_distributed, load_model, model_license
+from ..io.run_summary import RunSummary, layer_map_record
 from ..preprocessing import input_spec_of, spec_from_processor, student_image_size
-from ..summary import RunSummary, layer_map_record
 from ..training import SpectralDistillationTrainer
 from ..training.output_dir import check_writable
 from ..training.scoring import DataClasses
@@ -53,7 +53,7 @@ def run(argv: list[str]) -> int:
     if not args.do_train and not args.do_eval:
         raise ConfigurationError("do_train: false leaves only evaluation, which needs --do_eval true")
     if args.push_to_hub:
-        from ..hub import require_online_hub
+        from ..io.hub import require_online_hub
 
         require_online_hub("push_to_hub", "pass --push_to_hub false and upload the finished run later with "
                            "`hf-spectralkd push OUTPUT_DIR --repo_id USER/NAME`")

@@ -3,7 +3,7 @@
 * Lift (:class:`LiftViTForImageClassification`, ``model_type="lift_vit"``)
 * WideLast (:class:`WideLastViTForImageClassification`, ``model_type="widelast_vit"``)
 * UniformWide is a plain ``ViTForImageClassification`` at width 219 (a preset in
-  :data:`hf_spectralkd.models.ARCHITECTURE_PRESETS`), so it needs nothing here but its init.
+  :data:`hf_spectralkd.io.model_loading.ARCHITECTURE_PRESETS`), so it needs nothing here but its init.
 
 Importing this package (``import hf_spectralkd`` does) registers both configs with ``AutoConfig`` and
 both models with ``AutoModelForImageClassification``, and marks them for ``save_pretrained`` to write

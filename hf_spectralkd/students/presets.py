@@ -1,6 +1,6 @@
 """Built-in configurations of the encoding-mismatch students and the init of UniformWide.
 
-The names are registered in :data:`hf_spectralkd.models.ARCHITECTURE_PRESETS`, so ``--student``
+The names are registered in :data:`hf_spectralkd.io.model_loading.ARCHITECTURE_PRESETS`, so ``--student``
 accepts them. All use DeiT-Tiny's geometry (224 px, 16 px patches, 12 blocks at width 192 with 3
 heads, MLP ratio 4, pre-LN eps 1e-6, no dropout) unless their name says otherwise.
 

@@ -1,7 +1,7 @@
 """The model card beside every saved student (a part of the trainer).
 
-:class:`ModelCardWriter` renders the SpectralKD card (:func:`~hf_spectralkd.hub.write_model_card`) from
-the run's :class:`~hf_spectralkd.summary.RunSummary`, brought up to date with the trainer's state,
+:class:`ModelCardWriter` renders the SpectralKD card (:func:`~hf_spectralkd.io.hub.write_model_card`) from
+the run's :class:`~hf_spectralkd.io.run_summary.RunSummary`, brought up to date with the trainer's state,
 wherever the trainer saves the student: the final folder, each checkpoint, and before
 ``push_to_hub`` (which would otherwise write transformers' generic card).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..hub import write_model_card
-from ..summary import RunSummary
+from ..io.hub import write_model_card
+from ..io.run_summary import RunSummary
 
 
 class ModelCardWriter:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigurationError
-from ..integrity import CONFIG_FILE, read_json, saved_model_problems
+from ..io.integrity import CONFIG_FILE, read_json, saved_model_problems
 from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class RunRecord:
                 if problem:
                     raise ConfigurationError(problem)
         if self._sections is not None and is_main_process:  # a recipe run: its folder's record
-            from ..summary import write_json_atomic
+            from ..io.run_summary import write_json_atomic
 
             os.makedirs(self.args.output_dir, exist_ok=True)
             write_json_atomic(os.path.join(self.args.output_dir, RUN_CONFIG_FILE), self.state_dict())

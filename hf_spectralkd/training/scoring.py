@@ -55,7 +55,7 @@ def evaluation_only(model: nn.Module, args: Any, classes: Optional[DataClasses],
                     ) -> tuple[nn.Module, Any]:
     """``(model, args)`` as a trainer uses them: unchanged when training; for an evaluation alone, the student
     checked against ``classes`` and wrapped to score in their order, and ``args`` that distil nothing (which
-    ``summary``, a :class:`~hf_spectralkd.summary.RunSummary` given, then records)."""
+    ``summary``, a :class:`~hf_spectralkd.io.run_summary.RunSummary` given, then records)."""
     if args.do_train:
         return model, args
     order = classes.order_of("student", model) if classes is not None else None

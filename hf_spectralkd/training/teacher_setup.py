@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from ..features import describe_taps, model_family
-from ..models import LoadedModel, load_model
+from ..io.model_loading import LoadedModel, load_model
 from ..preprocessing import (
     InputAdapter,
     InputSpec,

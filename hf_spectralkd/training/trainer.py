@@ -30,13 +30,13 @@ from ..checkpointing import AtomicCheckpointWriter, load_weights_from_folder, re
 from ..config import SpectralDistillationConfig
 from ..data import ENCODED_IMAGES, DatasetEpochCallback, ImageClassificationCollator, first_images, pixel_batch
 from ..errors import ConfigurationError
-from ..hub import move_token_to_environment
+from ..io.hub import move_token_to_environment
+from ..io.model_loading import load_model
+from ..io.run_summary import RunSummary
 from ..layer_map import LayerPair, resolve_layer_map
 from ..metrics import TopKAccuracy, topk_indices
-from ..models import load_model
 from ..perf import keep_freed_memory
 from ..preprocessing import InputAdapter, InputSpec
-from ..summary import RunSummary
 from ..teacher import TeacherClassifier
 from .compilation import CompiledStep
 from .data_order import DataOrder

@@ -15,7 +15,7 @@ from helpers import SyntheticImageDataset, tiny_cait, tiny_lift, tiny_vit, tiny_
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer  # noqa: E402
 from hf_spectralkd.cli.common import close_process_group  # noqa: E402
-from hf_spectralkd.models import ensure_deepspeed_distributed  # noqa: E402
+from hf_spectralkd.io.model_loading import ensure_deepspeed_distributed  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

@@ -1,6 +1,6 @@
 """Model cards for distilled students, and pushing a finished run to the Hub.
 
-The card is rendered from the run's :class:`~hf_spectralkd.summary.RunSummary` with
+The card is rendered from the run's :class:`~hf_spectralkd.io.run_summary.RunSummary` with
 huggingface_hub's ``ModelCard.from_template`` and the template ``templates/model_card.md``. It is
 written beside the weights on every save (``README.md``) and pushed with them. Its metadata
 (``ModelCardData``) lets the Hub index it: library, pipeline tag, tags, license, dataset, base
@@ -16,15 +16,15 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
+from ..students import CUSTOM_CODE_MODEL_TYPES
 from .integrity import check_model_folder
-from .students import CUSTOM_CODE_MODEL_TYPES
-from .summary import RunSummary
+from .run_summary import RunSummary
 
 logger = logging.getLogger(__name__)
 
 PROFILE_PLOT = "spectral_profiles.png"
-CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+CARD_TEMPLATE = Path(__file__).parents[1] / "templates" / "model_card.md"
 CARD_TAGS = ["knowledge-distillation", "spectralkd", "vision-transformer", "image-classification"]
 REPO_PLACEHOLDER = "path/to/this/model"
 

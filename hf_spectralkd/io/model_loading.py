@@ -27,10 +27,10 @@ from transformers import (
     ViTConfig,
 )
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
+from ..labels import match_head_to_labels
+from ..students.presets import deit_geometry, deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
 from .integrity import COPY_AGAIN, WEIGHT_FILES, damaged, first_line, loading_problems, model_folder_problems, read_json
-from .labels import match_head_to_labels
-from .students.presets import deit_geometry, deit_tiny_lift, deit_tiny_widelast, demo_widelast, timm_vit_init_
 
 logger = logging.getLogger(__name__)
 

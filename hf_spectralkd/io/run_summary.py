@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .utils import num_parameters, unwrap_model
+from ..utils import num_parameters, unwrap_model
 
 
 def public_name(value: Optional[str]) -> Optional[str]:

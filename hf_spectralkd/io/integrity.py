@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from .errors import DamagedFileError
+from ..errors import DamagedFileError
 
 CONFIG_FILE = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
