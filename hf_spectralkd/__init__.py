@@ -5,6 +5,7 @@ Public API::
     from hf_spectralkd import SpectralDistillationTrainer, SpectralDistillationConfig
     from hf_spectralkd import distillation_objective, spectral_alignment_loss, distillation_loss
     from hf_spectralkd import load_recipe      # a shipped recipe config as arguments
+    from hf_spectralkd import load_model       # a teacher or student by Hub id, folder, config or preset
 
 Importing the package registers the Lift and WideLast students (``hf_spectralkd.students``) with
 transformers' ``AutoConfig`` and ``AutoModelForImageClassification``.
@@ -23,6 +24,7 @@ with interruptible_start():
         RunFailedError,
         TooManyBadImagesError,
     )
+    from .io.model_loading import load_model
     from .losses import LossComponents, distillation_loss, distillation_objective, spectral_alignment_loss
     from .recipe import load_recipe
     from .training import SpectralDistillationTrainer
@@ -46,6 +48,7 @@ __all__ = [
     "TooManyBadImagesError",
     "distillation_loss",
     "distillation_objective",
+    "load_model",
     "load_recipe",
     "spectral_alignment_loss",
     "__version__",

@@ -1,4 +1,4 @@
-"""The documentation's reliability table points only at tests that exist (file, function and case)."""
+"""The docs hold: the reliability table points only at tests that exist (file, function and case), and the README is short and its imports exist."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def test_every_row_of_the_reliability_table_names_a_test_that_exists():
 
 def test_the_readme_links_the_reliability_table():
     assert "docs/reliability.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_is_short_and_its_python_imports_exist():
+    """A user reads the README in minutes (≤ 250 lines), and every ``from hf_spectralkd… import …`` line of its
+    Python examples imports."""
+    import importlib
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250, len(text.splitlines())
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    imports = [line for block in blocks for line in block.splitlines() if line.startswith("from hf_spectralkd")]
+    assert len(imports) >= 3, imports
+    for line in imports:
+        match = re.match(r"from ([\w.]+) import (.+?)(?:\s+#.*)?$", line)
+        module = importlib.import_module(match.group(1))
+        for name in (n.strip() for n in match.group(2).split(",")):
+            assert hasattr(module, name), f"README: {line!r}: {match.group(1)} has no {name}"
