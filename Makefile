@@ -13,6 +13,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# pytest-xdist workers for make test: one per core of the 2-core CI machine (each computes on one thread)
+TEST_WORKERS ?= 2
 # make demo STUDENT=widelast: the demo with the WideLast student (last block widened to the teacher's width)
 STUDENT ?= vit
 DEMO_CONFIG_vit      := demo
@@ -39,10 +41,10 @@ demo-widelast: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/hf-spectralkd distill $(DEMO_CONFIG_widelast)
 
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-fast: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_spectralkd recipes tests bench

@@ -32,7 +32,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
     # Needs `pip install --no-build-isolation` (it builds against the installed torch).
     "deepspeed": ["deepspeed==0.19.8"],
 }

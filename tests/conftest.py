@@ -9,6 +9,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs one worker per core (-n 2 on the 2-core CI machine): each worker, and every process it
+    # starts, computes on one thread instead of each oversubscribing both cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import sys
 from pathlib import Path
@@ -18,6 +22,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT / "tests"))
 
