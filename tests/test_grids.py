@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SyntheticImageDataset, timm_regnety, tiny_vit
 
+from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
+from hf_spectralkd.layer_map import format_layer_map
 from hf_spectralkd.losses import distillation_objective, mse_alignment_loss, spectral_alignment_loss
 
 
@@ -171,3 +174,34 @@ def test_interpolate_area_averages_the_larger_map_and_error_refuses():
     objective = distillation_objective(torch.zeros(2, 3), torch.tensor([0, 1]), None, [student], [teacher],
                                        distillation_type="none", grid_alignment="interpolate")
     assert objective.feature.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: --layer_map auto across families and input sizes
+# ----------------------------------------------------------------------------------------------
+def test_auto_layer_map_trains_across_families_and_resolutions(tmp_path, caplog):
+    """A timm RegNetY (CNN) teacher at twice the student's resolution, and a ViT teacher at twice it: 3 steps each."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit_64px = ViTForImageClassification(ViTConfig(**{**tiny_vit(seed=1).config.to_dict(), "image_size": 64}))  # 8×8
+    for name, teacher in (("regnety_64px", timm_regnety(image_size=64)), ("vit_64px", vit_64px)):
+        args = SpectralDistillationConfig(
+            output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to=[],
+            use_cpu=True, disable_tqdm=True, save_strategy="no", eval_strategy="no", layer_map="auto",
+            teacher_check_images=0, dataloader_num_workers=0, seed=0,
+        )
+        with caplog.at_level("INFO", logger="hf_spectralkd.layer_map"):
+            trainer = SpectralDistillationTrainer(model=tiny_vit(layers=2), teacher_model=teacher, args=args,
+                                                  train_dataset=SyntheticImageDataset(12))
+        pairs = trainer.layer_map
+        assert pairs and all(p.student_shape[1:] == (4, 4) for p in pairs), name
+        assert any(p.teacher_shape[1:] != (4, 4) for p in pairs), name  # on the teacher's own, larger grid
+        printed = format_layer_map(pairs)
+        assert printed in caplog.text, name
+        p = next(p for p in pairs if not p.same_grid)
+        assert f"student {p.student:>2} (4×4, 32 ch) ← teacher {p.teacher:>2} ({p.teacher_shape[1]}×{p.teacher_shape[2]}, " \
+               f"{p.teacher_shape[0]} ch)" in printed, printed
+        trainer.train()
+        logged = [entry["loss_fft"] for entry in trainer.state.log_history if "loss_fft" in entry]
+        assert trainer.state.global_step == 3 and len(logged) == 3, name
+        assert all(math.isfinite(v) and v > 0 for v in logged), (name, logged)

@@ -220,7 +220,7 @@ class SpectralDistillationTrainer(Trainer):
         outputs = model(pixel_values=pixel_values, **feature_forward_kwargs(model, student_layers))
         student_maps = extract_features(model, outputs, student_layers) if use_features else []
         losses = distillation_objective(
-            outputs.logits, labels, teacher_logits, student_maps, teacher_maps,
+            outputs.logits, labels, teacher_logits, student_maps, teacher_maps, grid_alignment=args.grid_alignment,
             alpha=args.alpha, beta=args.beta, temperature=args.temperature,
             distillation_type=args.distillation_type if use_teacher and args.uses_teacher_logits else "none",
             feature_loss=args.feature_loss, label_smoothing=args.label_smoothing_factor,
