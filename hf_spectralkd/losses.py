@@ -23,6 +23,10 @@ The DC (Nyquist) column of the 2-D spectrum is the ortho 1-D FFT over H of the r
 result equals the FFT form to float32 rounding and is what :func:`spectral_alignment_loss` uses by
 default (``implementation="closed_form"``); ``implementation="rfft2"`` runs the literal transform of
 the difference. docs/method.md derives the identity step by step.
+
+Maps on different token grids are first brought onto their common grid (:mod:`hf_spectralkd.grids`,
+``grid_alignment``): by default the larger map's spectrum is cropped to the smaller grid's band,
+which is the same as resampling it by ideal Fourier interpolation; maps on one grid are untouched.
 """
 
 from __future__ import annotations

@@ -179,6 +179,7 @@ def test_interpolate_area_averages_the_larger_map_and_error_refuses():
 # ----------------------------------------------------------------------------------------------
 # Runs: --layer_map auto across families and input sizes
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_auto_layer_map_trains_across_families_and_resolutions(tmp_path, caplog):
     """A timm RegNetY (CNN) teacher at twice the student's resolution, and a ViT teacher at twice it: 3 steps each."""
     from transformers import ViTConfig, ViTForImageClassification
