@@ -1,6 +1,7 @@
 # hf_spectralkd: every target creates the virtual environment first if it is missing.
 #   make demo      offline SpectralKD demo on MNIST digits (2 CPU cores, a few minutes)
 #   make demo STUDENT=widelast  (or make demo-widelast) the same demo with a WideLast student
+#   make demo TEACHER=cnn       the demo with a CNN teacher (timm test_resnet), feature pairs across token grids
 #   make test      the test suite (offline)
 #   make dynamics  SpectralKD vs no-KD student: whose spectral profile is closer to the teacher's
 #   make bench     training-step and data-pipeline benchmarks (see bench/README.md)
@@ -16,10 +17,13 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # pytest-xdist workers for make test: one per core of the 2-core CI machine (each computes on one thread)
 TEST_WORKERS ?= 2
 # make demo STUDENT=widelast: the demo with the WideLast student (last block widened to the teacher's width)
+# make demo TEACHER=cnn: the ViT student from a CNN teacher (its maps on other grids than the student's)
 STUDENT ?= vit
-DEMO_CONFIG_vit      := demo
-DEMO_CONFIG_widelast := demo_widelast
-DEMO_CONFIG = $(or $(DEMO_CONFIG_$(STUDENT)),$(error STUDENT=$(STUDENT): expected vit or widelast))
+TEACHER ?= vit
+DEMO_CONFIG_vit_vit      := demo
+DEMO_CONFIG_widelast_vit := demo_widelast
+DEMO_CONFIG_vit_cnn      := demo_cnn
+DEMO_CONFIG = $(or $(DEMO_CONFIG_$(STUDENT)_$(TEACHER)),$(error STUDENT=$(STUDENT) TEACHER=$(TEACHER): expected STUDENT=vit or widelast with TEACHER=vit, or TEACHER=cnn with STUDENT=vit))
 
 .PHONY: install demo demo-widelast test test-fast lint dynamics ablation bench clean
 
@@ -38,7 +42,7 @@ demo: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/hf-spectralkd distill $(DEMO_CONFIG)
 
 demo-widelast: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/hf-spectralkd distill $(DEMO_CONFIG_widelast)
+	$(OFFLINE) $(VENV)/bin/hf-spectralkd distill $(DEMO_CONFIG_widelast_vit)
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) tests

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from .errors import ConfigurationError
+from .grids import GridAlignment
 from .losses import DistillationType, FeatureLoss
 
 LrSchedule = Literal["trainer", "deit"]
@@ -112,6 +113,14 @@ class SpectralDistillationConfig(TrainingArguments):
         metadata={
             "help": "Feature loss on the paired layers: 'fft' (SpectralKD: MSE of ortho rfft2 spectra) or 'mse' "
             "(spatial MSE after the same channel pooling)."
+        },
+    )
+    grid_alignment: GridAlignment = field(
+        default="spectral",
+        metadata={
+            "help": "Paired layers on different token grids (other families or input sizes): 'spectral' compares their "
+            "spectra on the shared frequency band (the larger map's ortho spectrum cropped to the smaller grid), "
+            "'interpolate' area-averages the larger map onto the smaller grid, 'error' refuses such pairs before training."
         },
     )
     layer_map: LayerMapMode = field(
@@ -270,6 +279,7 @@ class SpectralDistillationConfig(TrainingArguments):
         _check_choice("layer_map", self.layer_map, LayerMapMode)
         self.teacher_compile = compile_mode(self.teacher_compile, "teacher_compile", aliases=True)
         compile_mode(self.torch_compile_mode, "torch_compile_mode")
+        _check_choice("grid_alignment", self.grid_alignment, GridAlignment)
         if self.label_smoothing is not None:
             if self.label_smoothing_factor not in (0.1, self.label_smoothing):
                 raise ConfigurationError(

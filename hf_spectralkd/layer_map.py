@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ConfigurationError
 from .features import TapInfo, describe_taps
+from .grids import GridAlignment, common_grid
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,18 @@ class LayerPair:
     def aligned_channels(self) -> int:
         return min(self.student_shape[0], self.teacher_shape[0])
 
+    @property
+    def same_grid(self) -> bool:
+        return self.student_shape[1:] == self.teacher_shape[1:]
+
     def describe(self) -> str:
-        (cs, h, w), ct = self.student_shape, self.teacher_shape[0]
-        pooled = "" if cs == ct else (f" (teacher pooled {ct}→{cs})" if ct > cs else f" (student pooled {cs}→{ct})")
-        return f"student {self.student:>2} [{cs}×{h}×{w}] ↔ teacher {self.teacher:>2} [{ct}×{h}×{w}]{pooled}"
+        """E.g. ``student  3 (14×14, 192 ch) ← teacher  7 (16×16, 384 ch): teacher pooled 384→192; compared on 14×14``."""
+        (cs, sh, sw), (ct, th, tw) = self.student_shape, self.teacher_shape
+        notes = [] if cs == ct else [f"teacher pooled {ct}→{cs}" if ct > cs else f"student pooled {cs}→{ct}"]
+        if not self.same_grid:
+            notes.append("compared on {}×{}".format(*common_grid((sh, sw), (th, tw))))
+        return (f"student {self.student:>2} ({sh}×{sw}, {cs} ch) ← teacher {self.teacher:>2} ({th}×{tw}, {ct} ch)"
+                + (": " + "; ".join(notes) if notes else ""))
 
 
 def check_layer_indices(layers: Sequence[int], taps: TapInfo, argument: str) -> None:
@@ -53,13 +62,15 @@ def check_layer_indices(layers: Sequence[int], taps: TapInfo, argument: str) -> 
 
 
 def build_layer_map(
-    student: nn.Module, teacher: nn.Module, student_layers: Sequence[int], teacher_layers: Sequence[int]
+    student: nn.Module, teacher: nn.Module, student_layers: Sequence[int], teacher_layers: Sequence[int],
+    grid_alignment: GridAlignment = "spectral",
 ) -> list[LayerPair]:
     """Validate a student↔teacher layer map and return its pairs with shapes.
 
     Raises ``ConfigurationError`` for: unsupported model families, lists of different lengths, indices out of
-    range, and pairs whose token grids differ. The two models may take inputs of different sizes
-    (the teacher's batch is resized) as long as paired layers have the same grid.
+    range, and, with ``grid_alignment="error"``, pairs whose token grids differ (all of them named). Otherwise
+    paired layers may sit on any grids (other families, or a teacher fed another input size): the loss
+    compares them on their common grid (:mod:`hf_spectralkd.grids`).
     """
     if len(student_layers) != len(teacher_layers):
         raise ConfigurationError(
@@ -79,18 +90,16 @@ def build_layer_map(
     student_taps, teacher_taps = describe_taps(student), describe_taps(teacher)
     check_layer_indices(student_layers, student_taps, "student_layers")
     check_layer_indices(teacher_layers, teacher_taps, "teacher_layers")
-    pairs = []
-    for s, t in zip(student_layers, teacher_layers):
-        pair = LayerPair(s, t, student_taps.shape(s), teacher_taps.shape(t))
-        if pair.student_shape[1:] != pair.teacher_shape[1:]:
-            (sh, sw), (th, tw) = student_taps.image_size, teacher_taps.image_size
-            raise ConfigurationError(
-                f"student_layers/teacher_layers: student layer {s} is {pair.student_shape[1]}×{pair.student_shape[2]} "
-                f"but teacher layer {t} is {pair.teacher_shape[1]}×{pair.teacher_shape[2]} (token grid H×W, inputs "
-                f"{sh}×{sw} and {th}×{tw}); paired layers need the same grid: pair layers at the same resolution, use a "
-                "teacher with the student's grid, or distil logits only (--beta 0)"
-            )
-        pairs.append(pair)
+    pairs = [LayerPair(s, t, student_taps.shape(s), teacher_taps.shape(t)) for s, t in zip(student_layers, teacher_layers)]
+    apart = [p for p in pairs if not p.same_grid]
+    if grid_alignment == "error" and apart:
+        (sh, sw), (th, tw) = student_taps.image_size, teacher_taps.image_size
+        listed = ", ".join("student layer {} is {}×{} but teacher layer {} is {}×{}".format(
+            p.student, *p.student_shape[1:], p.teacher, *p.teacher_shape[1:]) for p in apart)
+        raise ConfigurationError(
+            f"grid_alignment 'error': {listed} (token grid H×W, inputs {sh}×{sw} and {th}×{tw}); pair layers on equal "
+            "grids, or compare them on their shared grid with --grid_alignment spectral (or interpolate)"
+        )
     return pairs
 
 
@@ -104,13 +113,15 @@ def resolve_layer_map(
     ``"auto"``: the teacher is profiled on ``pixel_values`` (``N×3×H×W``, e.g. 32 of the student's
     evaluation images) passed through ``teacher_inputs`` (the run's
     :class:`~hf_spectralkd.preprocessing.InputAdapter`: the teacher's size and normalisation), and
-    :func:`~hf_spectralkd.analysis.select_layers` chooses both lists among the pairs on equal token
-    grids, the only ones a run accepts. Empty when the run has no feature loss. ``args`` is not modified.
+    :func:`~hf_spectralkd.analysis.select_layers` chooses both lists by relative depth and profile, across
+    grids; with ``args.grid_alignment == "error"`` among the pairs on equal token grids only, the only ones
+    such a run accepts. The chosen pairs are logged with both grids. Empty when the run has no feature
+    loss. ``args`` is not modified.
     """
     if not args.uses_features:
         return []
     if args.layer_map == "manual":
-        return build_layer_map(student, teacher, args.student_layers, args.teacher_layers)
+        return build_layer_map(student, teacher, args.student_layers, args.teacher_layers, args.grid_alignment)
     from .analysis import select_layers, spectral_profile
 
     if pixel_values is None:
@@ -121,10 +132,13 @@ def resolve_layer_map(
     if teacher_inputs is not None:
         pixel_values = teacher_inputs.to(device)(pixel_values)
     profile = spectral_profile(unwrap_model(teacher), pixel_values)
-    selection = select_layers(profile, student_taps.num_layers, student_grids=student_taps.grids,
-                              teacher_grids=teacher_taps.grids)
-    logger.info("layer_map='auto': %s (%s)", selection.as_arguments(), selection.rule)
-    return build_layer_map(student, teacher, selection.student_layers, selection.teacher_layers)
+    equal_grids = args.grid_alignment == "error"
+    selection = select_layers(profile, student_taps.num_layers, student_unit=student_taps.unit,
+                              student_grids=student_taps.grids if equal_grids else None,
+                              teacher_grids=teacher_taps.grids if equal_grids else None)
+    pairs = build_layer_map(student, teacher, selection.student_layers, selection.teacher_layers, args.grid_alignment)
+    logger.info("layer_map='auto': %s (%s)\n%s", selection.as_arguments(), selection.rule, format_layer_map(pairs))
+    return pairs
 
 
 def format_layer_map(pairs: Sequence[LayerPair]) -> str:

@@ -23,6 +23,10 @@ The DC (Nyquist) column of the 2-D spectrum is the ortho 1-D FFT over H of the r
 result equals the FFT form to float32 rounding and is what :func:`spectral_alignment_loss` uses by
 default (``implementation="closed_form"``); ``implementation="rfft2"`` runs the literal transform of
 the difference. docs/method.md derives the identity step by step.
+
+Maps on different token grids are first brought onto their common grid (:mod:`hf_spectralkd.grids`,
+``grid_alignment``): by default the larger map's spectrum is cropped to the smaller grid's band,
+which is the same as resampling it by ideal Fourier interpolation; maps on one grid are untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .grids import GridAlignment, to_common_grid
 
 FeatureLoss = Literal["fft", "mse"]
 DistillationType = Literal["soft", "hard", "none"]
@@ -85,7 +91,9 @@ def align_channels(
     return pool_channels(student_features, width), pool_channels(teacher_features, width)
 
 
-def _check_pairs(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> None:
+def _check_pairs(
+    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], grid_alignment: GridAlignment
+) -> None:
     if len(student_features) != len(teacher_features):
         raise ValueError(
             f"student_features and teacher_features must pair up: got {len(student_features)} student and "
@@ -98,24 +106,31 @@ def _check_pairs(student_features: Sequence[torch.Tensor], teacher_features: Seq
             raise ValueError(
                 f"feature pair {j}: expected B×C×H×W tensors, got student {tuple(s.shape)} and teacher {tuple(t.shape)}"
             )
-        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+        if s.shape[0] != t.shape[0] or (grid_alignment == "error" and s.shape[2:] != t.shape[2:]):
             raise ValueError(
                 f"feature pair {j}: student map is {tuple(s.shape[2:])} (H×W) with batch {s.shape[0]} but teacher "
-                f"map is {tuple(t.shape[2:])} with batch {t.shape[0]}; paired layers must have the same batch and "
-                "spatial size (pick layers at the same resolution)"
+                f"map is {tuple(t.shape[2:])} with batch {t.shape[0]}; paired layers must have the same batch, and "
+                "with grid_alignment='error' the same spatial size"
             )
 
 
 def _aligned_differences(
-    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]
+    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+    grid_alignment: GridAlignment = "spectral",
 ) -> list[torch.Tensor]:
-    """Per pair ``d_j = pool(F_s) - pool(F_t)`` in float32, channels-last ``B×H×W×C`` each."""
-    _check_pairs(student_features, teacher_features)
+    """Per pair ``d_j = pool(F_s) - pool(F_t)`` in float32, channels-last ``B×h×w×C`` each.
+
+    ``h×w`` is the pair's common grid (:mod:`hf_spectralkd.grids`): maps on one grid are used as they
+    are, otherwise the larger along each axis is resampled by ``grid_alignment`` after pooling
+    (pooling acts on channels, resampling on space: they commute, and pooling first is cheaper).
+    """
+    _check_pairs(student_features, teacher_features, grid_alignment)
     differences = []
     for s, t in zip(student_features, teacher_features):
         s_last, t_last = s.float().permute(0, 2, 3, 1), t.float().permute(0, 2, 3, 1)
         width = min(s_last.shape[-1], t_last.shape[-1])
-        differences.append(_pool_last_axis(s_last, width) - _pool_last_axis(t_last, width))
+        s_last, t_last = to_common_grid(_pool_last_axis(s_last, width), _pool_last_axis(t_last, width), grid_alignment)
+        differences.append(s_last - t_last)
     return differences
 
 
@@ -154,6 +169,7 @@ def spectral_alignment_loss(
     student_features: Sequence[torch.Tensor],
     teacher_features: Sequence[torch.Tensor],
     implementation: SpectralImplementation = "closed_form",
+    grid_alignment: GridAlignment = "spectral",
 ) -> torch.Tensor:
     """SpectralKD feature loss ``L_FFT`` (SKD eqs. 6-13).
 
@@ -169,24 +185,32 @@ def spectral_alignment_loss(
         implementation: ``"closed_form"`` (default) evaluates the quantity without a transform
             (Parseval, see the module docstring); ``"rfft2"`` runs ``rfft2`` on the difference of
             the aligned maps. Both give the same number to float32 rounding.
+        grid_alignment: for a pair on different grids (``H_s×W_s`` ≠ ``H_t×W_t``): ``"spectral"``
+            compares the spectra on the shared band, i.e. on the common grid ``min(H)×min(W)``
+            (the larger map's spectrum cropped, see :mod:`hf_spectralkd.grids`); ``"interpolate"``
+            area-averages the larger map onto that grid; ``"error"`` raises. Equal grids: no effect.
 
     Raises:
-        ValueError: if the lists differ in length, are empty, or a pair differs in batch or H×W
-            (the message names the pair index and both sizes).
+        ValueError: if the lists differ in length, are empty, or a pair differs in batch (or in H×W
+            with ``grid_alignment="error"``); the message names the pair index and both sizes.
     """
     pair_losses = {"closed_form": _spectral_pair_loss_closed_form, "rfft2": _spectral_pair_loss_rfft2}
     if implementation not in pair_losses:
         raise ValueError(f"implementation must be 'closed_form' or 'rfft2', got {implementation!r}")
     pair_loss = pair_losses[implementation]
-    differences = _aligned_differences(student_features, teacher_features)
+    differences = _aligned_differences(student_features, teacher_features, grid_alignment)
     # Per pair rather than stacked: stacking same-shape pairs costs a copy of every difference and
     # measured slower on CPU than the per-pair reductions it would save (bench/README.md).
     return torch.stack([pair_loss(d) for d in differences]).mean()
 
 
-def mse_alignment_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Spatial-domain variant (EM ``--use-mse-loss``): same alignment, MSE over ``B·C·H·W``, mean over pairs."""
-    differences = _aligned_differences(student_features, teacher_features)
+def mse_alignment_loss(
+    student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+    grid_alignment: GridAlignment = "spectral",
+) -> torch.Tensor:
+    """Spatial-domain variant (EM ``--use-mse-loss``): same alignment (channels and grids), MSE over ``B·C·h·w``,
+    mean over pairs."""
+    differences = _aligned_differences(student_features, teacher_features, grid_alignment)
     return torch.stack([d.pow(2).mean() for d in differences]).mean()
 
 
@@ -194,12 +218,13 @@ def feature_alignment_loss(
     student_features: Sequence[torch.Tensor],
     teacher_features: Sequence[torch.Tensor],
     kind: FeatureLoss = "fft",
+    grid_alignment: GridAlignment = "spectral",
 ) -> torch.Tensor:
     """Dispatch to :func:`spectral_alignment_loss` (``"fft"``) or :func:`mse_alignment_loss` (``"mse"``)."""
     if kind == "fft":
-        return spectral_alignment_loss(student_features, teacher_features)
+        return spectral_alignment_loss(student_features, teacher_features, grid_alignment=grid_alignment)
     if kind == "mse":
-        return mse_alignment_loss(student_features, teacher_features)
+        return mse_alignment_loss(student_features, teacher_features, grid_alignment)
     raise ValueError(f"feature_loss must be 'fft' or 'mse', got {kind!r}")
 
 
@@ -260,6 +285,7 @@ def distillation_objective(
     distillation_type: DistillationType = "soft",
     feature_loss: FeatureLoss = "fft",
     label_smoothing: float = 0.1,
+    grid_alignment: GridAlignment = "spectral",
 ) -> LossComponents:
     """The SpectralKD objective ``(1-α)·CE_ε + α·KD + β·L_feat`` and its components.
 
@@ -274,6 +300,7 @@ def distillation_objective(
         beta: weight of the feature loss; ignored when no maps are given.
         distillation_type: ``"soft"`` (``T²·KL``), ``"hard"`` (CE to the teacher's argmax) or ``"none"``.
         feature_loss: ``"fft"`` (:func:`spectral_alignment_loss`) or ``"mse"`` (:func:`mse_alignment_loss`).
+        grid_alignment: how a pair on different token grids is compared (:mod:`hf_spectralkd.grids`).
 
     Returns:
         :class:`LossComponents` with the weighted ``total`` and the raw ``ce``, ``kd``, ``feature``.
@@ -292,7 +319,7 @@ def distillation_objective(
             if distillation_type == "soft"
             else hard_kd_loss(student_logits, teacher_logits)
         )
-    feature = feature_alignment_loss(student_maps, teacher_maps, feature_loss) if student_maps else zero
+    feature = feature_alignment_loss(student_maps, teacher_maps, feature_loss, grid_alignment) if student_maps else zero
     total = ((1.0 - alpha) * ce + alpha * kd if with_kd else ce) + (beta * feature if student_maps else 0.0)
     return LossComponents(total=total, ce=ce, kd=kd, feature=feature)
 

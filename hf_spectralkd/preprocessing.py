@@ -218,8 +218,8 @@ class InputAdapter(nn.Module):
     """Map a batch normalised for ``source`` into what ``target`` expects: ``B×3×H×W → B×3×H'×W'``.
 
     ``x_target = x·(std_s/std_t) + (mean_s - mean_t)/std_t`` per channel (the same pixels, re-normalised),
-    then a bicubic, antialiased resize to ``target.size`` when the batch has another size (logit-only
-    distillation; feature pairs need equal token grids, which :mod:`.layer_map` checks). An unknown
+    then a bicubic, antialiased resize to ``target.size`` when the batch has another size (the teacher's
+    feature maps are then on another grid, which the loss aligns: :mod:`.grids`). An unknown
     normalisation on either side means no affine map. Nothing is computed when nothing differs.
     """
 

@@ -83,6 +83,17 @@ def timm_efficientvit_m0(num_labels: int = 5, seed: int = 0):
     return AutoModelForImageClassification.from_config(config)
 
 
+def timm_regnety(num_labels: int = 5, image_size: int = 64, seed: int = 0):
+    """timm ``regnety_002`` (2.8 M parameters, a CNN with 5 taps: stem and 4 stages) through TimmWrapper, configured
+    for ``image_size`` px inputs (its taps are then image_size/2 … image_size/32 on a side)."""
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    torch.manual_seed(seed)
+    config = TimmWrapperConfig(architecture="regnety_002", num_labels=num_labels,
+                               model_args={"pretrained_cfg_overlay": {"input_size": [3, image_size, image_size]}})
+    return AutoModelForImageClassification.from_config(config)
+
+
 def class_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """A learnable synthetic image: a bright square whose position encodes the class, plus noise."""
     array = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)

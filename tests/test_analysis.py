@@ -273,12 +273,12 @@ def test_spectral_dynamics_reach_the_trackers_through_trainer_log(saved_models, 
 # ------------------------------------------------------------------------------------------------
 # layer_map="auto" proposes only what a run accepts
 # ------------------------------------------------------------------------------------------------
-def _auto_config(tmp_path):
+def _auto_config(tmp_path, grid_alignment="spectral"):
     from hf_spectralkd import SpectralDistillationConfig
 
     return SpectralDistillationConfig(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True,
                                       disable_tqdm=True, save_strategy="no", eval_strategy="no", layer_map="auto",
-                                      teacher_check_images=0)
+                                      teacher_check_images=0, grid_alignment=grid_alignment)
 
 
 def _teachers_at_another_input_size():
@@ -321,10 +321,15 @@ def test_auto_layer_map_and_select_layers_pair_only_equal_grids_with_a_swin_teac
     student_grids, teacher_grids = describe_taps(student).grids, describe_taps(teacher).grids
     shared = [t for t, grid in enumerate(teacher_grids) if grid in student_grids]  # independent: stages a run accepts
     assert shared == [2] and teacher_grids[0] != student_grids[0]  # 16×16, 8×8, 4×4 against 4×4
-    trainer = SpectralDistillationTrainer(model=student, teacher_model=teacher, args=_auto_config(tmp_path),
+    trainer = SpectralDistillationTrainer(model=student, teacher_model=teacher, args=_auto_config(tmp_path, "error"),
                                           train_dataset=SyntheticImageDataset(16))
     assert trainer.layer_map and {p.teacher for p in trainer.layer_map} <= set(shared)
     assert all(student_grids[p.student] == teacher_grids[p.teacher] for p in trainer.layer_map)
+    # Across grids (the default), a 2-block student: stage t of 3 at block ⌈(t+1)·2/3⌉ - 1 = 0, 1, 1 (the later stage wins)
+    trainer = SpectralDistillationTrainer(model=tiny_vit(layers=2), teacher_model=teacher, args=_auto_config(tmp_path),
+                                          train_dataset=SyntheticImageDataset(16))
+    assert [(p.student, p.teacher) for p in trainer.layer_map] == [(0, 0), (1, 2)]
+    assert [p.teacher_shape[1:] for p in trainer.layer_map] == [(16, 16), (4, 4)]
 
     teacher.save_pretrained(tmp_path / "swin")
     student.config.save_pretrained(tmp_path / "student")

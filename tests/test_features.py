@@ -179,7 +179,7 @@ def test_layer_map_rejects_a_pair_that_only_the_arithmetic_grid_would_match():
     student = ViTForImageClassification(ViTConfig(image_size=48, patch_size=16, hidden_size=32, num_hidden_layers=3,
                                                   num_attention_heads=2, intermediate_size=64, num_labels=5))
     with pytest.raises(ConfigurationError, match=r"student layer 2 is 3×3 but teacher layer 2 is 4×4"):
-        build_layer_map(student, timm_efficientvit_m0(), [2], [2])
+        build_layer_map(student, timm_efficientvit_m0(), [2], [2], grid_alignment="error")
 
 
 def test_describe_taps_measures_a_non_square_vit_grid_and_caches_per_model():

@@ -154,7 +154,10 @@ def test_spectral_loss_spatial_mismatch_names_pair_and_sizes():
     student = [torch.zeros(2, 8, 4, 4), torch.zeros(2, 8, 7, 7)]
     teacher = [torch.zeros(2, 16, 4, 4), torch.zeros(2, 16, 14, 14)]
     with pytest.raises(ValueError, match=r"feature pair 1: student map is \(7, 7\).*teacher map is \(14, 14\)"):
-        spectral_alignment_loss(student, teacher)
+        spectral_alignment_loss(student, teacher, grid_alignment="error")
+    with pytest.raises(ValueError, match=r"feature pair 0: student map is \(4, 4\) \(H×W\) with batch 2 but teacher map is "
+                                         r"\(4, 4\) with batch 3"):
+        spectral_alignment_loss(student[:1], [torch.zeros(3, 16, 4, 4)])
 
 
 def test_spectral_loss_length_mismatch_and_empty():

@@ -87,9 +87,9 @@ def test_logit_only_teacher_at_another_resolution_gets_a_resized_batch(tmp_path)
     trainer.compute_loss(trainer.model.train(), {"pixel_values": batch, "labels": torch.tensor([0, 1])})
     expected = F.interpolate(batch, size=(48, 48), mode="bicubic", align_corners=False, antialias=True)
     torch.testing.assert_close(received[0], expected)
-    with pytest.raises(ConfigurationError, match=r"student layer 0 is 4×4 but teacher layer 0 is 6×6 \(token grid H×W, "
-                                                 r"inputs 32×32 and 48×48\)"):
-        SpectralDistillationTrainer(model=tiny_vit(), teacher_model=big, args=config(tmp_path))
+    with pytest.raises(ConfigurationError, match=r"student layer 0 is 4×4 but teacher layer 0 is 6×6, student layer 2 is 4×4 "
+                                                 r"but teacher layer 2 is 6×6 \(token grid H×W, inputs 32×32 and 48×48\)"):
+        SpectralDistillationTrainer(model=tiny_vit(), teacher_model=big, args=config(tmp_path, grid_alignment="error"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_layer_lists_of_different_length(tmp_path):
 
 
 def test_spatial_size_mismatch(tmp_path):
-    args = make_config(tmp_path, student_layers=[0], teacher_layers=[0])
+    args = make_config(tmp_path, student_layers=[0], teacher_layers=[0], grid_alignment="error")
     with pytest.raises(ValueError, match=r"student layer 0 is 16×16 but teacher layer 0 is 4×4"):
         SpectralDistillationTrainer(model=tiny_swin(), teacher_model=tiny_cait(), args=args)
 

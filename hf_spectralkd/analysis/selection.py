@@ -16,10 +16,14 @@ a rule:
    paper's default shape is used instead: ``k = ⌈2S/3⌉`` pairs, a quarter of them at the start and the
    rest at the end.
 4. **Hierarchical models** (Swin) are paired stage by stage, as the paper does for Swin-T ← Swin-S.
-5. **Equal grids.** Given both models' token grids, a pair is only proposed on equal grids (a run
-   rejects any other): a pair whose grids differ moves to the nearest free student layer with the
-   teacher layer's grid, or is dropped. A ViT student of a Swin teacher is thus paired with the
-   stage whose grid it shares.
+   A hierarchical teacher of a student with blocks (a ViT) pairs every stage with the student block
+   at the same relative depth, the last of the stage's share: stage ``t`` of ``T`` ↔ block
+   ``⌈(t+1)·S/T⌉ - 1`` (a later stage wins a shared block).
+5. **Equal grids** (only when both models' token grids are given, i.e. for runs with
+   ``--grid_alignment error``, which reject any other pair): a pair whose grids differ moves to the
+   nearest free student layer with the teacher layer's grid, or is dropped. A ViT student of a Swin
+   teacher is thus paired with the stage whose grid it shares. Otherwise pairs may sit on different
+   grids, which the loss compares on their shared grid (:mod:`hf_spectralkd.grids`).
 
 Monotone profiles therefore select the end where the intensity is high: an increasing curve maps
 the student's layers onto the teacher's last ones, a decreasing one onto its first ones.
@@ -73,6 +77,7 @@ def select_layers(
     flat_tolerance: float = 0.05,
     student_grids: Optional[Sequence[Grid]] = None,
     teacher_grids: Optional[Sequence[Grid]] = None,
+    student_unit: Optional[str] = None,
 ) -> LayerSelection:
     """Propose a student↔teacher layer map from the teacher's ``ℓ`` curve (rule in the module docstring).
 
@@ -83,11 +88,13 @@ def select_layers(
         flat_tolerance: relative spread below which the profile counts as flat.
         student_grids, teacher_grids: ``(H, W)`` token grid of every layer (``TapInfo.grids``); when both are
             given, only pairs on equal grids are proposed (rule 5).
+        student_unit: what one student tap is (``TapInfo.unit``): ``"block"`` pairs a hierarchical teacher by
+            relative depth (rule 4); ``None`` or ``"stage"``: stage by stage.
 
     Raises:
         ConfigurationError: with grids, when no teacher layer has a grid of the student's.
     """
-    selection = _select_by_profile(teacher_profile, student_num_layers, k, flat_tolerance)
+    selection = _select_by_profile(teacher_profile, student_num_layers, k, flat_tolerance, student_unit)
     if student_grids is None or teacher_grids is None:
         return selection
     return _on_equal_grids(selection, list(student_grids), list(teacher_grids))
@@ -128,7 +135,7 @@ def _on_equal_grids(selection: LayerSelection, student_grids: list[Grid], teache
 
 def _select_by_profile(
     teacher_profile: Union[SpectralProfile, Sequence[float]], student_num_layers: int, k: Optional[int],
-    flat_tolerance: float,
+    flat_tolerance: float, student_unit: Optional[str] = None,
 ) -> LayerSelection:
     if isinstance(teacher_profile, SpectralProfile):
         intensity, family = list(teacher_profile.intensity), teacher_profile.family
@@ -142,6 +149,11 @@ def _select_by_profile(
     if k is not None and k <= 0:
         raise ValueError(f"k must be positive, got {k}")
 
+    if tap_unit(family) == "stage" and student_unit == "block":
+        slots = {math.ceil((t + 1) * student_depth / teacher_depth) - 1: t for t in range(teacher_depth)}  # later wins
+        order = sorted(slots)[-k:] if k else sorted(slots)
+        return LayerSelection(order, [slots[s] for s in order],
+                              "hierarchical teacher: stage t of T ↔ student block ⌈(t+1)·S/T⌉ - 1")
     if tap_unit(family) == "stage":
         depth = min(teacher_depth, student_depth, k or student_depth)
         return LayerSelection(list(range(depth)), list(range(depth)), "hierarchical: stage i ↔ stage i")

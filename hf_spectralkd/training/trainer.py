@@ -222,7 +222,7 @@ class SpectralDistillationTrainer(Trainer):
             )
         loss_options = dict(alpha=args.alpha, beta=args.beta, temperature=args.temperature, feature_loss=args.feature_loss,
                             distillation_type=args.distillation_type if use_teacher and args.uses_teacher_logits else "none",
-                            label_smoothing=args.label_smoothing_factor)
+                            label_smoothing=args.label_smoothing_factor, grid_alignment=args.grid_alignment)
         total, components, logits = self._compiled.student(model, pixel_values, labels, teacher_logits, teacher_maps,
                                                            student_layers, loss_options)
         if mode == "train" and args.stop_on_nonfinite_loss:
