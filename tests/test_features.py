@@ -267,9 +267,10 @@ def test_every_transformers_family_taps_match_a_hand_written_reading(family):
         assert tuple(features.shape[1:]) == taps.shape(tap)
 
 
-def test_layer_map_pairs_a_vit_student_with_new_families_on_equal_grids():
-    """--beta > 0 with a transformers-native teacher of another tap count: the layer map gets its taps and keeps
-    only pairs on equal grids (ViT 4×4 blocks; ConvNeXt stages 8×8, 4×4; DINOv2 with registers 4×4 blocks)."""
+def test_layer_map_pairs_a_vit_student_with_new_families_by_depth_and_grid():
+    """--beta > 0 with a transformers-native teacher of another tap count: the layer map gets its measured taps
+    (ViT 4×4 blocks; ConvNeXt stages 8×8, 4×4; DINOv2 with registers 4×4 blocks). A stage teacher's stage t
+    pairs with the block at the same relative depth; --grid_alignment error keeps only pairs on equal grids."""
     from types import SimpleNamespace
 
     from helpers import tiny_classifier, tiny_vit
@@ -278,11 +279,15 @@ def test_layer_map_pairs_a_vit_student_with_new_families_on_equal_grids():
 
     student = tiny_vit().eval()
     convnext, _ = tiny_classifier("convnext")
-    args = SimpleNamespace(uses_features=True, layer_map="auto", student_layers=None, teacher_layers=None)
-    pairs = resolve_layer_map(student, convnext, args, pixel_values=torch.randn(4, 3, 32, 32))
-    # Stage-by-stage pairing (0↔0, 1↔1) moved onto equal grids: ConvNeXt stage 0 (8×8) has no 4×4 student block.
-    assert [(p.student, p.teacher) for p in pairs] == [(1, 1)]
+    pixel_values = torch.randn(4, 3, 32, 32)
+    options = dict(uses_features=True, layer_map="auto", student_layers=None, teacher_layers=None)
+    pairs = resolve_layer_map(student, convnext, SimpleNamespace(**options, grid_alignment="error"), pixel_values=pixel_values)
+    # 3 student blocks, 2 teacher stages: stage 1 is the last block's depth; stage 0 (8×8) has no 4×4 partner
+    assert [(p.student, p.teacher) for p in pairs] == [(2, 1)]
     assert pairs[0].teacher_shape == (16, 4, 4) and pairs[0].student_shape == (32, 4, 4)
+    pairs = resolve_layer_map(student, convnext, SimpleNamespace(**options, grid_alignment="spectral"),
+                              pixel_values=pixel_values)
+    assert [(p.student, p.teacher, p.teacher_shape[1:]) for p in pairs] == [(1, 0, (8, 8)), (2, 1, (4, 4))]
     registers, _ = tiny_classifier("dinov2_with_registers")
     pairs = build_layer_map(student, registers, [0, 2], [0, 1])
     assert [p.teacher_shape for p in pairs] == [(16, 4, 4)] * 2
