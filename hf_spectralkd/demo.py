@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 from .io.model_loading import load_model
 
@@ -17,8 +18,10 @@ logger = logging.getLogger(__name__)
 
 def train_demo_teacher(
     architecture: str, output_dir: str, data, args, processor, epochs: float, learning_rate: float
-) -> None:
-    """Train ``architecture`` from scratch without a teacher on ``data.train`` and save it to ``output_dir``.
+) -> bool:
+    """Train ``architecture`` from scratch without a teacher on ``data.train`` and save it to ``output_dir``;
+    ``False`` when SIGTERM stopped it: then nothing is kept in ``output_dir`` (a half-trained teacher saved
+    there would be taken as the demo's teacher by every later run), and the next run trains it again.
 
     ``args`` is the distillation run's ``SpectralDistillationConfig``; batch size, precision and
     seed are kept, the objective becomes plain cross-entropy and nothing is evaluated or pushed.
@@ -54,4 +57,8 @@ def train_demo_teacher(
         processing_class=processor,
     )
     trainer.train()
+    if trainer.preempted_at_step is not None:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return False
     trainer.save_model(output_dir)
+    return True

@@ -186,3 +186,28 @@ def test_ctrl_c_while_a_command_imports_its_libraries_prints_one_line_and_exits_
         assert process.returncode == 130, (name, err[-2000:])
         assert err.strip().splitlines() == ["interrupted while starting; nothing was written"], (name, err[-2000:])
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_while_the_demo_teacher_trains_keeps_no_half_trained_teacher(tmp_path, monkeypatch):
+    """A demo teacher stopped by SIGTERM is not saved where --teacher points (every later run would take it as
+    the trained teacher); its folder is removed so that the next run trains it again."""
+    from types import SimpleNamespace
+
+    from hf_spectralkd import SpectralDistillationConfig
+    from hf_spectralkd.demo import train_demo_teacher
+    from hf_spectralkd.training import SpectralDistillationTrainer
+
+    def stopped_at_step_2(self, *args, **kwargs):  # what the preemption watch leaves after SIGTERM at step 2
+        (Path(self.args.output_dir) / "checkpoint-2").mkdir(parents=True)
+        self.preempted_at_step = 2
+
+    data = SimpleNamespace(train=SyntheticImageDataset(8, num_labels=3), collator=None, streaming=False,
+                           id2label={0: "a", 1: "b", 2: "c"})
+    args = SpectralDistillationConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], teacher_check_images=0)
+    teacher_dir = tmp_path / "teacher"
+    monkeypatch.setattr(SpectralDistillationTrainer, "train", stopped_at_step_2)
+    assert train_demo_teacher("demo_vit_teacher", str(teacher_dir), data, args, None, 1.0, 1e-3) is False
+    assert not teacher_dir.exists()
+    monkeypatch.setattr(SpectralDistillationTrainer, "train", lambda self, *a, **k: None)  # a run that completes
+    assert train_demo_teacher("demo_vit_teacher", str(teacher_dir), data, args, None, 1.0, 1e-3) is True
+    assert (teacher_dir / "model.safetensors").exists()

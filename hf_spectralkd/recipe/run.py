@@ -85,8 +85,11 @@ def run(argv: list[str]) -> int:
         if model_args.train_teacher_if_missing and not os.path.exists(model_args.teacher):
             from ..demo import train_demo_teacher
 
-            train_demo_teacher(model_args.teacher_architecture, model_args.teacher, data, args, data.image_processor,
-                               model_args.teacher_num_train_epochs, model_args.teacher_learning_rate)
+            if not train_demo_teacher(model_args.teacher_architecture, model_args.teacher, data, args, data.image_processor,
+                                      model_args.teacher_num_train_epochs, model_args.teacher_learning_rate):
+                print("stopped on SIGTERM while training the demo teacher; nothing of it was kept: the next run "
+                      "trains it again", file=sys.stderr, flush=True)
+                return EXIT_PREEMPTED
         teacher = load_model(model_args.teacher, argument="teacher", revision=args.teacher_revision, token=token,
                              trust_remote_code=args.trust_remote_code) if model_args.teacher else None
     student_spec = spec_from_processor(data.image_processor, source="the student's batches")
