@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Literal, Optional
 
 import torch
 from transformers import TrainingArguments
@@ -18,62 +18,18 @@ from transformers import TrainingArguments
 from .errors import ConfigurationError
 from .grids import GridAlignment
 from .losses import DistillationType, FeatureLoss
+from .option_checks import (
+    check_choice,
+    check_count,
+    check_number,
+    compile_mode,
+    parse_layer_list,
+)
 
 LrSchedule = Literal["trainer", "deit"]
 LayerMapMode = Literal["manual", "auto"]
-#: torch.compile modes a run accepts, for the student (--torch_compile_mode) and the teacher (--teacher_compile).
-#: Those with CUDA graphs (reduce-overhead, max-autotune) need a CUDA device to capture them; elsewhere torch
-#: compiles without them.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Options that were switches before they took a value: a config file's true/false still stands for them.
 FORMER_SWITCHES = ("teacher_compile",)
-
-
-def parse_layer_list(value: Any, argument: str) -> Union[list[int], str, None]:
-    """Normalise a layer list given as ints, strings, ``"0,1,18"`` or ``"auto"``.
-
-    Returns a list of ints, the string ``"auto"`` or ``None``; raises ``ConfigurationError`` naming ``argument``.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    items: list[str] = []
-    for item in value:
-        if isinstance(item, str):
-            items.extend(part for part in item.replace(",", " ").split() if part)
-        else:
-            items.append(item)
-    if len(items) == 1 and isinstance(items[0], str) and items[0].lower() in ("auto", "none"):
-        return "auto" if items[0].lower() == "auto" else None
-    layers = []
-    for item in items:
-        if isinstance(item, bool):
-            item = str(item)
-        try:
-            layer = int(item)
-        except (TypeError, ValueError):
-            raise ConfigurationError(
-                f"{argument}: expected 0-based block indices (e.g. 0 1 18 19) or 'auto', got {value!r}"
-            ) from None
-        if isinstance(item, float) and item != layer:
-            raise ConfigurationError(f"{argument}: block indices must be integers, got {item!r}")
-        if layer < 0:
-            raise ConfigurationError(f"{argument}: block indices are 0-based and must be >= 0, got {layer}")
-        layers.append(layer)
-    return layers
-
-
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if math.isnan(value) or math.isinf(value):
-        raise ConfigurationError(f"{name} must be a finite number, got {value}")
-    below = value <= low if low_open else value < low
-    if below or value > high:
-        bracket = "(" if low_open else "["
-        upper = "inf)" if math.isinf(high) else f"{high}]"
-        raise ConfigurationError(f"{name} must be in {bracket}{low}, {upper}, got {value}")
 
 
 @dataclass
@@ -273,13 +229,13 @@ class SpectralDistillationConfig(TrainingArguments):
         if teacher_layers == "auto":  # the older spelling of layer_map="auto"
             self.layer_map, teacher_layers = "auto", None
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
-        _check_choice("distillation_type", self.distillation_type, DistillationType)
-        _check_choice("feature_loss", self.feature_loss, FeatureLoss)
-        _check_choice("lr_schedule", self.lr_schedule, LrSchedule)
-        _check_choice("layer_map", self.layer_map, LayerMapMode)
+        check_choice("distillation_type", self.distillation_type, DistillationType)
+        check_choice("feature_loss", self.feature_loss, FeatureLoss)
+        check_choice("lr_schedule", self.lr_schedule, LrSchedule)
+        check_choice("layer_map", self.layer_map, LayerMapMode)
         self.teacher_compile = compile_mode(self.teacher_compile, "teacher_compile", aliases=True)
         compile_mode(self.torch_compile_mode, "torch_compile_mode")
-        _check_choice("grid_alignment", self.grid_alignment, GridAlignment)
+        check_choice("grid_alignment", self.grid_alignment, GridAlignment)
         if self.label_smoothing is not None:
             if self.label_smoothing_factor not in (0.1, self.label_smoothing):
                 raise ConfigurationError(
@@ -287,10 +243,10 @@ class SpectralDistillationConfig(TrainingArguments):
                     f"{self.label_smoothing_factor}; give one of the two"
                 )
             self.label_smoothing_factor, self.label_smoothing = self.label_smoothing, None
-        _check_number("alpha", self.alpha, 0.0, 1.0)
-        _check_number("temperature", self.temperature, 0.0, low_open=True)
-        _check_number("beta", self.beta, 0.0)
-        _check_number("label_smoothing_factor", self.label_smoothing_factor, 0.0, 1.0)
+        check_number("alpha", self.alpha, 0.0, 1.0)
+        check_number("temperature", self.temperature, 0.0, low_open=True)
+        check_number("beta", self.beta, 0.0)
+        check_number("label_smoothing_factor", self.label_smoothing_factor, 0.0, 1.0)
         if self.label_smoothing_factor >= 1.0:
             raise ConfigurationError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
         if isinstance(self.teacher_check_images, bool) or not isinstance(self.teacher_check_images, int) or (
@@ -316,9 +272,9 @@ class SpectralDistillationConfig(TrainingArguments):
                 f"nonfinite_check_interval must be a number of steps >= 0, got {self.nonfinite_check_interval!r}"
             )
         self._check_step_counts()
-        _check_number("min_lr", self.min_lr, 0.0)
-        _check_number("warmup_lr", self.warmup_lr, 0.0)
-        _check_number("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
+        check_number("min_lr", self.min_lr, 0.0)
+        check_number("warmup_lr", self.warmup_lr, 0.0)
+        check_number("max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
         if self.layer_map == "manual" and (self.student_layers or self.teacher_layers):
             n_student, n_teacher = len(self.student_layers or []), len(self.teacher_layers or [])
             if n_student != n_teacher:
@@ -350,8 +306,8 @@ class SpectralDistillationConfig(TrainingArguments):
         without a word (a 0-step run that saves a card, an epoch-based run for ``max_steps 0``) or fail on deep
         inside (a division by zero, a ``DataLoader`` error)."""
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            _check_count(name, getattr(self, name), 1, "a positive integer")
-        _check_count("dataloader_num_workers", self.dataloader_num_workers, 0,
+            check_count(name, getattr(self, name), 1, "a positive integer")
+        check_count("dataloader_num_workers", self.dataloader_num_workers, 0,
                      "a number of DataLoader worker processes >= 0 (0 loads in the training process)")
         if not self.do_train:
             return  # evaluation alone: the length of training does not matter
@@ -402,25 +358,3 @@ class SpectralDistillationConfig(TrainingArguments):
     @property
     def needs_teacher(self) -> bool:
         return self.uses_teacher_logits or self.uses_features
-
-
-def _check_count(name: str, value: Any, minimum: int, expected: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{name} must be {expected}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        raise ConfigurationError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def compile_mode(value: Any, argument: str, aliases: bool = False) -> Optional[str]:
-    """A torch.compile mode of :data:`COMPILE_MODES` or ``None``. With ``aliases`` (``--teacher_compile``, a bool
-    before it took a mode), ``True``/``"true"`` mean ``"default"`` and ``False``/``"false"`` mean off."""
-    if aliases and isinstance(value, (bool, str)) and str(value).lower() in ("true", "false"):
-        return "default" if str(value).lower() == "true" else None
-    if value is None or value in COMPILE_MODES:
-        return value
-    also = " (or true/false)" if aliases else ""
-    raise ConfigurationError(f"{argument} must be one of {', '.join(COMPILE_MODES)}{also}, got {value!r}")

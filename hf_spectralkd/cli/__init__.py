@@ -22,8 +22,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import ConfigurationError
+from ..recipe.command_parser import CommandParser, OneLineHelpFormatter
 from .common import exit_on_error
-from .parsing import CommandParser, OneLineHelpFormatter
 
 
 def _select_layers(options) -> int:

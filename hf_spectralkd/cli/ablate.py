@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import ConfigurationError, RunFailedError
 from ..metrics import load_predictions, percentile_bootstrap
-from .parsing import CommandParser
+from ..recipe.command_parser import CommandParser
 
 ROWS: dict[str, list[str]] = {
     "no KD": ["--distillation_type", "none", "--beta", "0"],

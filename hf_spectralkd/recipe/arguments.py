@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 from transformers import HfArgumentParser
 
-from ..cli.parsing import CommandParser
 from ..config import SpectralDistillationConfig
 from ..data import KNOWN_TRAIN_SIZES, DataArguments, steps_for_epochs
 from ..errors import ConfigurationError
 from ..io.model_loading import ARCHITECTURE_PRESETS
+from .command_parser import CommandParser
 from .config_files import check_config_values, read_config_file, split_config_argument
 
 
