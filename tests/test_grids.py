@@ -15,6 +15,7 @@ from helpers import SyntheticImageDataset, timm_regnety, tiny_vit
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.layer_map import format_layer_map
 from hf_spectralkd.losses import distillation_objective, mse_alignment_loss, spectral_alignment_loss
+from hf_spectralkd.teacher import run_teacher
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,11 +182,19 @@ def test_interpolate_area_averages_the_larger_map_and_error_refuses():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_auto_layer_map_trains_across_families_and_resolutions(tmp_path, caplog):
-    """A timm RegNetY (CNN) teacher at twice the student's resolution, and a ViT teacher at twice it: 3 steps each."""
-    from transformers import ViTConfig, ViTForImageClassification
+    """3 steps each, feature loss on, --layer_map auto, with teachers whose maps lie on other grids than the
+    student's 4×4 (ViT, patch 8 at 32 px): a timm RegNetY (CNN) and a ViT at twice the student's resolution, a
+    transformers DINOv2 at patch 14 (70 px: 5×5) and a transformers ConvNeXt (stages 8×8 and 4×4)."""
+    from helpers import tiny_classifier
+    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
 
     vit_64px = ViTForImageClassification(ViTConfig(**{**tiny_vit(seed=1).config.to_dict(), "image_size": 64}))  # 8×8
-    for name, teacher in (("regnety_64px", timm_regnety(image_size=64)), ("vit_64px", vit_64px)):
+    dinov2_patch14 = Dinov2ForImageClassification(Dinov2Config(
+        image_size=70, patch_size=14, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+        num_labels=5))
+    teachers = (("regnety_64px", timm_regnety(image_size=64)), ("vit_64px", vit_64px),
+                ("dinov2_patch14", dinov2_patch14), ("convnext", tiny_classifier("convnext", num_labels=5)[0]))
+    for name, teacher in teachers:
         args = SpectralDistillationConfig(
             output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to=[],
             use_cpu=True, disable_tqdm=True, save_strategy="no", eval_strategy="no", layer_map="auto",
@@ -202,6 +211,10 @@ def test_auto_layer_map_trains_across_families_and_resolutions(tmp_path, caplog)
         p = next(p for p in pairs if not p.same_grid)
         assert f"student {p.student:>2} (4×4, 32 ch) ← teacher {p.teacher:>2} ({p.teacher_shape[1]}×{p.teacher_shape[2]}, " \
                f"{p.teacher_shape[0]} ch)" in printed, printed
+        # the teacher, fed the student's 32 px batch through its input adapter, taps the grids the map describes
+        _, maps = run_teacher(trainer.teacher, torch.randn(2, 3, 32, 32), [p.teacher for p in pairs],
+                              trainer.teacher_inputs, trainer.teacher_label_order)
+        assert [tuple(m.shape[1:]) for m in maps] == [p.teacher_shape for p in pairs], name
         trainer.train()
         logged = [entry["loss_fft"] for entry in trainer.state.log_history if "loss_fft" in entry]
         assert trainer.state.global_step == 3 and len(logged) == 3, name
