@@ -188,10 +188,28 @@ def test_streamed_dataset_of_unknown_size_needs_max_steps(imagefolder, saved_mod
 # ------------------------------------------------------------------------------------------------
 # Shipped configs
 # ------------------------------------------------------------------------------------------------
-#: Offline stand-ins for the Hub teachers of the paper's configs: same architecture, random weights.
+def _regnety_160(id2label):
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    return AutoModelForImageClassification.from_config(TimmWrapperConfig(architecture="regnety_160",
+                                                                         num_labels=len(id2label)))
+
+
+def _dinov2_base_linear(id2label):
+    """DINOv2 ViT-B/14 with its linear head, as its Hub config builds it (its processor feeds it 224 px)."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    return Dinov2ForImageClassification(Dinov2Config(image_size=224, patch_size=14, hidden_size=768, num_hidden_layers=12,
+                                                     num_attention_heads=12, num_labels=len(id2label)))
+
+
+#: Offline stand-ins for the Hub teachers of the shipped configs: same architecture, random weights (a preset
+#: name for load_model, or a builder).
 HUB_TEACHER_ARCHITECTURES = {
     "timm/cait_s24_224.fb_dist_in1k": "cait_s24_224",
     "microsoft/swin-small-patch4-window7-224": "swin_small_patch4_window7_224",
+    "timm/regnety_160.deit_in1k": _regnety_160,
+    "facebook/dinov2-base-imagenet1k-1-layer": _dinov2_base_linear,
 }
 
 
@@ -206,10 +224,15 @@ def test_every_shipped_config_parses_and_resolves(config):
     if not args.needs_teacher:
         assert args.distillation_type == "none" and args.beta == 0
         return
-    teacher = load_model(HUB_TEACHER_ARCHITECTURES[model_args.teacher], argument="teacher", id2label=id2label).model
+    stand_in = HUB_TEACHER_ARCHITECTURES[model_args.teacher]
+    teacher = stand_in(id2label) if callable(stand_in) else load_model(stand_in, argument="teacher", id2label=id2label).model
     if args.uses_features:
-        pairs = build_layer_map(student, teacher, args.student_layers, args.teacher_layers)
+        pairs = build_layer_map(student, teacher, args.student_layers, args.teacher_layers, args.grid_alignment)
         assert len(pairs) == len(args.student_layers)
+        if config.stem == "deit_tiny_from_regnety_160":  # CNN stages against 14×14 blocks, compared across grids
+            assert [p.teacher_shape[1:] for p in pairs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+        if config.stem == "deit_tiny_from_dinov2":  # patch 14 at 224 px: 16×16 against the student's 14×14
+            assert {p.teacher_shape for p in pairs} == {(768, 16, 16)} and {p.student_shape for p in pairs} == {(192, 14, 14)}
 
 
 def test_paper_configs_hold_the_paper_hyperparameters():
