@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 
 
-def tiny_vit(num_labels: int = 5, hidden: int = 32, layers: int = 3, seed: int = 0, image_size: int = 32,
-             patch_size: int = 8):
+def tiny_vit(num_labels: int = 5, hidden: int = 32, layers: int = 3, seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                        intermediate_size=2 * hidden, num_labels=num_labels, layer_norm_eps=1e-6)
     return ViTForImageClassification(config)
 
@@ -145,12 +144,12 @@ def make_parquet_dataset(root: Path, classes=("a", "b", "c"), per_class: int = 8
 
 
 class SyntheticImageDataset(torch.utils.data.Dataset):
-    """``n`` learnable ``size×size`` images (default 32) as ready tensors (no decoding), for trainer unit tests."""
+    """``n`` learnable 32×32 images as ready tensors (no decoding), for trainer unit tests."""
 
-    def __init__(self, n: int = 32, num_labels: int = 5, seed: int = 0, size: int = 32):
+    def __init__(self, n: int = 32, num_labels: int = 5, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         self.labels = torch.arange(n) % num_labels
-        self.images = torch.randn(n, 3, size, size, generator=generator) * 0.3
+        self.images = torch.randn(n, 3, 32, 32, generator=generator) * 0.3
         for i, label in enumerate(self.labels.tolist()):
             self.images[i, :, 6 * label : 6 * label + 6, :] += 2.0
 

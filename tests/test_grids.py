@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SyntheticImageDataset, timm_regnety, tiny_classifier, tiny_vit
+from helpers import SyntheticImageDataset, timm_regnety, tiny_vit
 
 from hf_spectralkd import SpectralDistillationConfig, SpectralDistillationTrainer
 from hf_spectralkd.layer_map import format_layer_map
@@ -179,41 +179,24 @@ def test_interpolate_area_averages_the_larger_map_and_error_refuses():
 # ----------------------------------------------------------------------------------------------
 # Runs: --layer_map auto across families and input sizes
 # ----------------------------------------------------------------------------------------------
-def _cross_family_cases():
-    """``(name, teacher, student, image side)``: every student taps 4×4 maps; every teacher has another grid."""
-    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
-
-    vit_64px = ViTForImageClassification(ViTConfig(**{**tiny_vit(seed=1).config.to_dict(), "image_size": 64}))  # 8×8
-    torch.manual_seed(2)  # DINOv2 as shipped: patch 14, here at 70 px (5×5 tokens) against a patch-16 student at 64 px
-    dinov2 = Dinov2ForImageClassification(Dinov2Config(
-        image_size=70, patch_size=14, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-        num_labels=5))
-    convnext, _ = tiny_classifier("convnext", num_labels=5)  # 32 px: stage grids 8×8 and 4×4
-    return [
-        ("regnety_64px", timm_regnety(image_size=64), tiny_vit(layers=2), 32),
-        ("vit_64px", vit_64px, tiny_vit(layers=2), 32),
-        ("dinov2_patch14", dinov2, tiny_vit(layers=2, image_size=64, patch_size=16), 64),
-        ("hf_convnext", convnext, tiny_vit(layers=2), 32),
-    ]
-
-
 @pytest.mark.slow
 def test_auto_layer_map_trains_across_families_and_resolutions(tmp_path, caplog):
-    """3 steps each with --layer_map auto: a timm RegNetY (CNN) and a ViT teacher at twice the student's resolution,
-    an HF DINOv2 (patch 14, 5×5) against a patch-16 ViT (4×4), an HF ConvNeXt whose first stage is 8×8."""
-    for name, teacher, student, side in _cross_family_cases():
+    """A timm RegNetY (CNN) teacher at twice the student's resolution, and a ViT teacher at twice it: 3 steps each."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit_64px = ViTForImageClassification(ViTConfig(**{**tiny_vit(seed=1).config.to_dict(), "image_size": 64}))  # 8×8
+    for name, teacher in (("regnety_64px", timm_regnety(image_size=64)), ("vit_64px", vit_64px)):
         args = SpectralDistillationConfig(
             output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to=[],
             use_cpu=True, disable_tqdm=True, save_strategy="no", eval_strategy="no", layer_map="auto",
             teacher_check_images=0, dataloader_num_workers=0, seed=0,
         )
-        caplog.clear()
-        with caplog.at_level("INFO", logger="hf_spectralkd"):
-            trainer = SpectralDistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                                  train_dataset=SyntheticImageDataset(12, size=side))
+        with caplog.at_level("INFO", logger="hf_spectralkd.layer_map"):
+            trainer = SpectralDistillationTrainer(model=tiny_vit(layers=2), teacher_model=teacher, args=args,
+                                                  train_dataset=SyntheticImageDataset(12))
         pairs = trainer.layer_map
         assert pairs and all(p.student_shape[1:] == (4, 4) for p in pairs), name
-        assert any(p.teacher_shape[1:] != (4, 4) for p in pairs), name  # on the teacher's own grid
+        assert any(p.teacher_shape[1:] != (4, 4) for p in pairs), name  # on the teacher's own, larger grid
         printed = format_layer_map(pairs)
         assert printed in caplog.text, name
         p = next(p for p in pairs if not p.same_grid)
@@ -223,5 +206,3 @@ def test_auto_layer_map_trains_across_families_and_resolutions(tmp_path, caplog)
         logged = [entry["loss_fft"] for entry in trainer.state.log_history if "loss_fft" in entry]
         assert trainer.state.global_step == 3 and len(logged) == 3, name
         assert all(math.isfinite(v) and v > 0 for v in logged), (name, logged)
-        if name == "dinov2_patch14":  # fed the student's 64-px batches resized to its own 70 px: 5×5 taps
-            assert "resized 64×64 → 70×70" in caplog.text and pairs[0].teacher_shape[1:] == (5, 5)

@@ -12,7 +12,7 @@ import torch
 from helpers import naive_bootstrap, streaming_args, tiny_run_args, tiny_vit
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification, Dinov2Config, TimmWrapperConfig, ViTImageProcessor
+from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 from hf_spectralkd.cli import main
 from hf_spectralkd.data import (
@@ -24,7 +24,7 @@ from hf_spectralkd.data import (
     load_image_datasets,
 )
 from hf_spectralkd.data.demo import load_mnist_demo
-from hf_spectralkd.io.model_loading import ARCHITECTURE_PRESETS, load_model
+from hf_spectralkd.io.model_loading import load_model
 from hf_spectralkd.layer_map import build_layer_map
 from hf_spectralkd.metrics import load_predictions
 
@@ -188,25 +188,15 @@ def test_streamed_dataset_of_unknown_size_needs_max_steps(imagefolder, saved_mod
 # ------------------------------------------------------------------------------------------------
 # Shipped configs
 # ------------------------------------------------------------------------------------------------
-#: Offline stand-ins for the shipped configs' Hub teachers: each one's architecture from its config, random weights.
-HUB_TEACHER_STAND_INS = {
-    "timm/cait_s24_224.fb_dist_in1k": ARCHITECTURE_PRESETS["cait_s24_224"],
-    "microsoft/swin-small-patch4-window7-224": ARCHITECTURE_PRESETS["swin_small_patch4_window7_224"],
-    "timm/regnety_160.deit_in1k": lambda: TimmWrapperConfig(architecture="regnety_160"),  # 83.6 M params, built in ~1 s
-    # The Hub config's geometry (image_size 518, patch 14, 12 blocks of width 384)
-    "facebook/dinov2-small-imagenet1k-1-layer": lambda: Dinov2Config(
-        image_size=518, patch_size=14, hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
-}
-
-
-CROSS_GRID_TEACHER_GRIDS = {
-    "deit_tiny_from_regnety_160": [(56, 56), (28, 28), (14, 14), (7, 7)],
-    "deit_tiny_from_dinov2": [(37, 37)] * 8,
+#: Offline stand-ins for the Hub teachers of the paper's configs: same architecture, random weights.
+HUB_TEACHER_ARCHITECTURES = {
+    "timm/cait_s24_224.fb_dist_in1k": "cait_s24_224",
+    "microsoft/swin-small-patch4-window7-224": "swin_small_patch4_window7_224",
 }
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_shipped_config_parses_and_resolves(config, tmp_path):
+def test_every_shipped_config_parses_and_resolves(config):
     model_args, data_args, args = run_distill.parse_arguments([str(config), "--use_cpu", "true"])  # CI has no GPU for bf16
     assert model_args.student and args.output_dir
     if config.stem.startswith("demo"):
@@ -216,14 +206,10 @@ def test_every_shipped_config_parses_and_resolves(config, tmp_path):
     if not args.needs_teacher:
         assert args.distillation_type == "none" and args.beta == 0
         return
-    HUB_TEACHER_STAND_INS[model_args.teacher]().save_pretrained(tmp_path)  # loaded as a config.json
-    teacher = load_model(str(tmp_path / "config.json"), argument="teacher", id2label=id2label).model
+    teacher = load_model(HUB_TEACHER_ARCHITECTURES[model_args.teacher], argument="teacher", id2label=id2label).model
     if args.uses_features:
         pairs = build_layer_map(student, teacher, args.student_layers, args.teacher_layers)
         assert len(pairs) == len(args.student_layers)
-        if config.stem in CROSS_GRID_TEACHER_GRIDS:  # the grids their comments state, against DeiT-Tiny's 14×14
-            assert [p.teacher_shape[1:] for p in pairs] == CROSS_GRID_TEACHER_GRIDS[config.stem]
-            assert {p.student_shape for p in pairs} == {(192, 14, 14)}
 
 
 def test_paper_configs_hold_the_paper_hyperparameters():
