@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigurationError
+from .features.tokens import vision_config
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,11 @@ def _triple(values: Sequence[float]) -> tuple[float, ...]:
 
 
 def configured_size(model: nn.Module) -> Optional[tuple[int, int]]:
-    """The input size a model is built for (its config, or its timm patch embedding)."""
+    """The input size a model is built for (its config, or its timm patch embedding).
+
+    CLIP-like classifiers (CLIP, SigLIP, MetaCLIP 2) state it in ``config.vision_config``: their position
+    embeddings fix it, so a teacher of theirs must be fed batches resized to it.
+    """
     model = unwrap_model(model)
     timm_model = getattr(model, "timm_model", None)
     if timm_model is not None:
@@ -141,7 +146,7 @@ def configured_size(model: nn.Module) -> Optional[tuple[int, int]]:
             return (int(img_size[0]), int(img_size[-1])) if isinstance(img_size, (tuple, list)) else (int(img_size),) * 2
         cfg = getattr(timm_model, "pretrained_cfg", {}) or {}
         return tuple(int(v) for v in cfg["input_size"][-2:]) if cfg.get("input_size") else None
-    size = getattr(getattr(model, "config", None), "image_size", None)
+    size = getattr(vision_config(model), "image_size", None) if hasattr(model, "config") else None
     if size is None:
         return None
     return (int(size[0]), int(size[-1])) if isinstance(size, (tuple, list)) else (int(size), int(size))

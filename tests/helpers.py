@@ -377,12 +377,21 @@ TINY_CLASSIFIERS = {
 }
 
 
-def tiny_classifier(family: str, num_labels: int = 3, seed: int = 0):
-    """``(model, side)``: a random ``…ForImageClassification`` of ``family`` from its tiny config, and the input side."""
+def tiny_classifier(family: str, num_labels: int = 3, seed: int = 0, image_size: int | None = None):
+    """``(model, side)``: a random ``…ForImageClassification`` of ``family`` from its tiny config, and the input side.
+
+    ``image_size`` builds it for another input side (in ``vision_config`` for the CLIP-like towers).
+    """
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     config_name, arguments, side = TINY_CLASSIFIERS[family]
+    if image_size is not None:
+        side = image_size
+        if "vision_config" in arguments:
+            arguments = {**arguments, "vision_config": {**arguments["vision_config"], "image_size": image_size}}
+        else:
+            arguments = {**arguments, "image_size": image_size}
     config = getattr(transformers, config_name)(num_labels=num_labels, **arguments)
     model_class = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[family]
     model_class = model_class[0] if isinstance(model_class, tuple) else model_class

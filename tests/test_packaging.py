@@ -14,7 +14,7 @@ import pytest
 
 from hf_spectralkd import __version__
 from hf_spectralkd.cli import main
-from hf_spectralkd.cli.common import resolve_config, shipped_configs
+from hf_spectralkd.cli.common import config_target, resolve_config, shipped_configs
 from hf_spectralkd.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,9 @@ def test_shipped_configs_are_found_by_name_and_listed_with_their_targets(capsys)
     for name in configs:
         assert name in listing
     assert "77.4 % top-1 on ImageNet-1k (SpectralKD, Table 1)" in listing
+    rows = {line.split()[0]: line for line in listing.splitlines()[1:] if line.split() and line.split()[0] in configs}
+    # one column each, however long a student ← teacher pair (Swin's is the longest)
+    assert len({row.index(config_target(configs[name])) for name, row in rows.items()}) == 1, listing
     # `recipes/configs` of a clone is the same folder, so old paths keep working
     assert (ROOT / "recipes" / "configs" / "demo.yaml").resolve() == configs["demo"].resolve()
 

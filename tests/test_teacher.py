@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SyntheticImageDataset, make_imagefolder, tiny_cait, tiny_vit
+from helpers import SyntheticImageDataset, make_imagefolder, tiny_cait, tiny_classifier, tiny_vit
 from PIL import Image
 from transformers import ConvNextImageProcessor, ViTConfig, ViTImageProcessor
 
@@ -90,6 +90,21 @@ def test_logit_only_teacher_at_another_resolution_gets_a_resized_batch(tmp_path)
     with pytest.raises(ConfigurationError, match=r"student layer 0 is 4×4 but teacher layer 0 is 6×6, student layer 2 is 4×4 "
                                                  r"but teacher layer 2 is 6×6 \(token grid H×W, inputs 32×32 and 48×48\)"):
         SpectralDistillationTrainer(model=tiny_vit(), teacher_model=big, args=config(tmp_path, grid_alignment="error"))
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_tower_teacher_gets_batches_at_the_size_its_vision_config_states(tmp_path, family):
+    """CLIP-like classifiers state their input size in ``config.vision_config`` only; their position embeddings fix it."""
+    teacher, side = tiny_classifier(family, num_labels=5, image_size=48)  # 6×6 tokens against the student's 4×4
+    trainer = SpectralDistillationTrainer(model=tiny_vit(), teacher_model=teacher, processing_class=imagenet_processor(),
+                                          args=config(tmp_path, teacher_layers=[0, 1], student_layers=[0, 2]))
+    assert [p.teacher_shape[1:] for p in trainer.layer_map] == [(6, 6), (6, 6)]
+    received = record_teacher_inputs(trainer.teacher)
+    batch = torch.randn(2, 3, 32, 32)
+    trainer.compute_loss(trainer.model.train(), {"pixel_values": batch, "labels": torch.tensor([0, 1])})
+    expected = F.interpolate(batch, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(received[0], expected)
+    assert torch.isfinite(trainer._loss_sums["train"]).all() and trainer._loss_sums["train"][2] > 0  # the feature loss
 
 
 # ------------------------------------------------------------------------------------------------

@@ -74,14 +74,16 @@ def _configs(options) -> int:
     from .common import config_target, read_config_file, shipped_configs
 
     configs = shipped_configs()
-    width = max(len(name) for name in configs)
-    print(f"{'config':<{width}}  {'student ← teacher':<62}  target")
+    pairs = {}
     for name, path in configs.items():
         values = read_config_file(str(path))
-        pair = f"{values.get('student', '?')} ← {values.get('teacher') or 'no teacher'}"
+        pairs[name] = f"{values.get('student', '?')} ← {values.get('teacher') or 'no teacher'}"
         if values.get("distillation_type") == "none" and not values.get("beta"):
-            pair = f"{values.get('student', '?')} alone"
-        print(f"{name:<{width}}  {pair:<62}  {config_target(path)}")
+            pairs[name] = f"{values.get('student', '?')} alone"
+    width, pair_width = max(len(name) for name in configs), max(len(pair) for pair in pairs.values())
+    print(f"{'config':<{width}}  {'student ← teacher':<{pair_width}}  target")
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {pairs[name]:<{pair_width}}  {config_target(path)}")
     print(f"\nshipped in {configs[next(iter(configs))].parent}; run one with `hf-spectralkd distill NAME [--option value ...]`")
     return 0
 
