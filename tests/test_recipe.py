@@ -196,10 +196,11 @@ def _regnety_160(id2label):
 
 
 def _dinov2_base_linear(id2label):
-    """DINOv2 ViT-B/14 with its linear head, as its Hub config builds it (its processor feeds it 224 px)."""
+    """DINOv2 ViT-B/14 with its linear head, as its Hub config builds it: image_size 518 (the size the run
+    feeds it; its processor's 224-px crop is not what the teacher's input adapter uses)."""
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
-    return Dinov2ForImageClassification(Dinov2Config(image_size=224, patch_size=14, hidden_size=768, num_hidden_layers=12,
+    return Dinov2ForImageClassification(Dinov2Config(image_size=518, patch_size=14, hidden_size=768, num_hidden_layers=12,
                                                      num_attention_heads=12, num_labels=len(id2label)))
 
 
@@ -231,8 +232,8 @@ def test_every_shipped_config_parses_and_resolves(config):
         assert len(pairs) == len(args.student_layers)
         if config.stem == "deit_tiny_from_regnety_160":  # CNN stages against 14×14 blocks, compared across grids
             assert [p.teacher_shape[1:] for p in pairs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
-        if config.stem == "deit_tiny_from_dinov2":  # patch 14 at 224 px: 16×16 against the student's 14×14
-            assert {p.teacher_shape for p in pairs} == {(768, 16, 16)} and {p.student_shape for p in pairs} == {(192, 14, 14)}
+        if config.stem == "deit_tiny_from_dinov2":  # patch 14 at 518 px: 37×37 against the student's 14×14
+            assert {p.teacher_shape for p in pairs} == {(768, 37, 37)} and {p.student_shape for p in pairs} == {(192, 14, 14)}
 
 
 def test_paper_configs_hold_the_paper_hyperparameters():
